@@ -1,0 +1,34 @@
+# Two commands: `make run` (install + main job on the embedded dataset) and `make test`.
+# Uses the active virtualenv/conda env when there is one, otherwise creates/reuses .venv.
+SHELL := /bin/bash
+CONFIG ?= configs/demo-rq.yaml
+RUN_DIR ?= runs/demo-rq
+
+ifdef VIRTUAL_ENV
+PY := $(VIRTUAL_ENV)/bin/python
+else ifdef CONDA_PREFIX
+PY := $(CONDA_PREFIX)/bin/python
+else
+PY := .venv/bin/python
+endif
+
+# The stamp is newer than setup.py once the editable install succeeded: a second call installs nothing.
+STAMP := $(dir $(PY)).tessera-installed
+
+.PHONY: install run test clean
+install: $(STAMP)
+
+$(STAMP): setup.py
+	@if [ ! -x "$(PY)" ]; then python3 -m venv .venv; fi
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+run: install
+	$(dir $(PY))tessera run $(CONFIG) --run-dir $(RUN_DIR)
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs .pytest_cache
