@@ -1,0 +1,104 @@
+"""The root config: YAML preset + dotted command-line overrides -> one typed `Config`.
+
+    cfg = load_config("configs/demo-rq.yaml", ["tokenizer_train.lr=1e-4", "data.resolution=64"])
+
+Every user mistake raises `ConfigError` with the full key path and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import yaml
+
+from .configschema import ConfigError, build_section, describe, option
+from .io import sha256_json
+from .models.tokenizer_config import TokenizerConfig
+from .sections import (DataConfig, LauncherConfig, PrecomputeConfig, PriorConfig, SampleConfig, ScoreConfig,
+                       TrainConfig)
+
+
+@dataclass
+class Config:
+    name: str = option("run", "run name (default run directory: runs/<name>); defaults to the YAML file's stem")
+    seed: int = option(0, "master seed: shards, init, data order and sampling all derive from it", ge=0)
+    data: DataConfig = option(DataConfig(), "image source, resolution and shard layout")
+    tokenizer: TokenizerConfig = option(TokenizerConfig(), "tokenizer architecture, quantizer and losses")
+    tokenizer_train: TrainConfig = option(TrainConfig(), "optimisation of the tokenizer")
+    precompute: PrecomputeConfig = option(PrecomputeConfig(), "encoding the dataset into code shards")
+    prior: PriorConfig = option(PriorConfig(), "the autoregressive prior")
+    prior_train: TrainConfig = option(TrainConfig(lr=5e-4, betas=[0.9, 0.95], weight_decay=1e-4),
+                                      "optimisation of the prior")
+    sample: SampleConfig = option(SampleConfig(), "sampling")
+    score: ScoreConfig = option(ScoreConfig(), "scoring (FID and friends)")
+    launcher: LauncherConfig = option(LauncherConfig(), "SLURM resources per stage")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def section_hash(self, sections: Iterable[str]) -> str:
+        """Fingerprint of the config parts a stage depends on (plus the seed)."""
+        d = self.to_dict()
+        return sha256_json({"seed": self.seed, **{name: d[name] for name in sections}})
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`a.b.c=VALUE` -> (['a','b','c'], VALUE parsed as YAML: 1e-4 -> float, [1,2] -> list)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. tokenizer_train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key part in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err.problem})") from None
+    # YAML reads 1e-4 as a string (no dot); accept float spellings users actually type.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") and value.strip() not in ("", ".") else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def _apply_override(tree: dict, keys: list[str], value) -> None:
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: '{'.'.join(keys[:i + 1])}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    tree: dict = {}
+    name = "run"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        name = path.stem
+    tree.setdefault("name", name)
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply_override(tree, keys, value)
+    return build_section(Config, tree)
+
+
+def config_keys() -> list[str]:
+    return describe(Config)

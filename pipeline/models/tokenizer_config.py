@@ -1,0 +1,99 @@
+"""The tokenizer config section and its named presets (the paper settings and CPU demos).
+
+A preset is a set of field values; `tokenizer.preset: NAME` in YAML applies them first and any
+key written next to it overrides. `pipeline.models.registry.build_tokenizer(cfg)` turns the
+resulting config into a model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..configschema import ConfigError, option
+
+
+@dataclass
+class TokenizerConfig:
+    preset: str = option("", "named preset applied before the keys written beside it (see TOKENIZER_PRESETS)")
+    kind: str = option("rq", "vq = rq with depth 1; dq = dynamic (coarse/fine) quantization", choices=("vq", "rq", "dq"))
+    # Encoder / decoder (VQGAN-style conv ResNet).
+    ch: int = option(128, "base channel count", ge=8)
+    ch_mult: list[int] = option([1, 1, 2, 2, 4, 4], "channel multiplier per level; len-1 downsamplings", ge=1)
+    num_res_blocks: int = option(2, "residual blocks per level", ge=1)
+    attn_resolutions: list[int] = option([8], "feature-map sides that get self-attention", ge=1)
+    z_channels: int = option(256, "latent (code vector) dimension", ge=1)
+    dropout: float = option(0.0, "dropout in residual blocks", ge=0.0, le=1.0)
+    grad_checkpointing: bool = option(False, "recompute encoder/decoder activations in backward to save memory")
+    # Quantizer.
+    codebook_size: int = option(16384, "codes per codebook (K)", ge=2, le=65536)
+    depth: int = option(4, "residual depth D (vq: must be 1)", ge=1, le=64)
+    shared_codebook: bool = option(True, "one codebook for all depths (RQ-VAE default) or one per depth")
+    ema_decay: float = option(0.99, "EMA decay of codebook statistics", ge=0.0, le=0.99999)
+    ema_eps: float = option(1e-5, "Laplace smoothing of EMA cluster sizes", gt=0.0)
+    beta: float = option(0.25, "commitment loss weight", ge=0.0)
+    dead_code_threshold: float = option(1.0, "EMA cluster size below which a code is restarted (0 disables)", ge=0.0)
+    kmeans_init: bool = option(False, "initialise the codebook by k-means on the first batch")
+    soft_tau: float = option(0.5, "temperature of soft codes Q_tau for the prior's soft labels", gt=0.0)
+    # DQ (dynamic quantization).
+    granularities: int = option(2, "dq: number of region sizes (2 = coarse+fine, 3 adds a coarser grid)", ge=2, le=3)
+    router: str = option("learned", "dq: how regions choose a granularity", choices=("learned", "entropy"))
+    target_ratio: float = option(0.5, "dq: target fraction of fine regions", ge=0.0, le=1.0)
+    budget_weight: float = option(10.0, "dq: budget loss weight gamma", ge=0.0)
+    gumbel_tau: float = option(1.0, "dq: Gumbel-softmax temperature of the learned router", gt=0.0)
+    coarse_vq_weight: float = option(0.25, "dq: VQ-loss weight on copied coarse cells", ge=0.0)
+    entropy_bins: int = option(32, "dq entropy router: histogram bins over [-1, 1]", ge=2)
+    # Losses and discriminator.
+    recon_loss: str = option("l2", "pixel reconstruction loss", choices=("l1", "l2"))
+    lpips_weight: float = option(1.0, "LPIPS perceptual loss weight (0 disables)", ge=0.0)
+    lpips_weights: str = option("", "path to LPIPS VGG16 weights (a state_dict file); required when lpips_weight > 0")
+    gan_weight: float = option(0.75, "GAN loss weight (times the adaptive lambda)", ge=0.0)
+    adaptive_weight_max: float = option(1e4, "clamp of the adaptive GAN weight", gt=0.0)
+    disc_start_step: int = option(0, "step at which the discriminator loss starts", ge=0)
+    disc_layers: int = option(2, "PatchGAN layers", ge=1, le=6)
+    disc_ndf: int = option(64, "PatchGAN base channels", ge=8)
+    disc_lr: float = option(0.0, "discriminator lr (0: same as the generator's)", ge=0.0)
+
+    @classmethod
+    def preset_values(cls, name: str, path: str) -> dict:
+        if name not in TOKENIZER_PRESETS:
+            from ..configschema import did_you_mean
+
+            raise ConfigError(f"{path}: unknown tokenizer preset {name!r}.{did_you_mean(name, TOKENIZER_PRESETS)} "
+                              f"Available: {', '.join(sorted(TOKENIZER_PRESETS))}.")
+        return TOKENIZER_PRESETS[name]
+
+    def validate(self, path: str) -> None:
+        if self.kind == "vq" and self.depth != 1:
+            raise ConfigError(f"{path}.depth: kind 'vq' is RQ with depth 1, got depth {self.depth}.")
+        if self.kind == "dq" and len(self.ch_mult) < 2:
+            raise ConfigError(f"{path}.ch_mult: dq needs at least 2 levels (fine and coarse grids).")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+_RQ_PAPER = dict(kind="rq", ch=128, ch_mult=[1, 1, 2, 2, 4, 4], num_res_blocks=2, attn_resolutions=[8],
+                 z_channels=256, depth=4, shared_codebook=True, grad_checkpointing=True, recon_loss="l2",
+                 lpips_weight=1.0, gan_weight=0.75, disc_layers=2)
+
+TOKENIZER_PRESETS: dict[str, dict] = {
+    # Paper settings (REFERENCE.md): 256 px -> 8x8x4 with K=16384 (ImageNet) or 2048 (FFHQ).
+    "rq-imagenet256-8x8x4": dict(_RQ_PAPER, codebook_size=16384),
+    "rq-ffhq256-8x8x4": dict(_RQ_PAPER, codebook_size=2048, attn_resolutions=[16]),
+    "vq-imagenet256-16x16": dict(_RQ_PAPER, kind="vq", depth=1, ch_mult=[1, 1, 2, 2, 4], attn_resolutions=[16],
+                                 codebook_size=16384),
+    "dq-imagenet256-dual-r0.5": dict(kind="dq", ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2,
+                                     attn_resolutions=[16], z_channels=256, depth=1, codebook_size=1024,
+                                     granularities=2, router="learned", target_ratio=0.5, budget_weight=10.0,
+                                     recon_loss="l1", lpips_weight=1.0, gan_weight=0.75, disc_layers=3,
+                                     grad_checkpointing=True),
+    # CPU demos (32-64 px, minutes on 2 cores). LPIPS/GAN are off: no VGG weights can be downloaded here.
+    "rq-demo": dict(kind="rq", ch=32, ch_mult=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[], z_channels=32,
+                    codebook_size=256, depth=4, shared_codebook=True, lpips_weight=0.0, gan_weight=0.0,
+                    recon_loss="l2"),
+    "vq-demo": dict(kind="vq", ch=32, ch_mult=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[], z_channels=32,
+                    codebook_size=256, depth=1, lpips_weight=0.0, gan_weight=0.0, recon_loss="l2"),
+    "dq-demo": dict(kind="dq", ch=32, ch_mult=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[], z_channels=32,
+                    codebook_size=256, depth=1, granularities=2, router="learned", target_ratio=0.5,
+                    budget_weight=10.0, lpips_weight=0.0, gan_weight=0.0, recon_loss="l1"),
+}

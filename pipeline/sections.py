@@ -1,0 +1,117 @@
+"""Config sections, one per concern. Each field: default, help, and allowed values.
+
+The tokenizer section lives with the models (pipeline/models/tokenizer_config.py) because its
+presets are the model registry's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .configschema import ConfigError, option
+
+
+@dataclass
+class DataConfig:
+    source: str = option("synthetic", "where images come from: the embedded procedural dataset or an ImageFolder tree",
+                         choices=("synthetic", "imagefolder"))
+    root: str = option("", "ImageFolder root (one sub-folder per class, optional train/ and val/ sub-trees)")
+    resolution: int = option(64, "side of the square images after resize + center crop (px)", ge=8, le=1024)
+    num_classes: int = option(10, "synthetic: number of classes", ge=1, le=1000)
+    num_train: int = option(2000, "synthetic: images in the train split", ge=1)
+    num_val: int = option(200, "synthetic: images in the val split", ge=0)
+    val_fraction: float = option(0.02, "imagefolder without a val/ folder: seeded fraction held out for val", ge=0.0, le=0.5)
+    format: str = option("webdataset", "shard format", choices=("webdataset", "mds"))
+    shard_max_count: int = option(1000, "max images per shard", ge=1)
+    shard_max_bytes: int = option(256 << 20, "max bytes per shard (whichever limit is hit first)", ge=1024)
+    image_encoding: str = option("png", "how images are stored inside shards", choices=("png", "jpeg"))
+    max_reject_fraction: float = option(0.01, "fail the shard stage if more than this fraction of inputs is unreadable",
+                                        ge=0.0, le=1.0)
+    random_crop: bool = option(False, "reader: random crop (pad 1/8 then crop) instead of the stored center crop")
+    hflip: bool = option(False, "reader: random horizontal flip")
+    num_workers: int = option(0, "reader: DataLoader worker processes per rank", ge=0, le=64)
+
+    def validate(self, path: str) -> None:
+        if self.source == "imagefolder" and not self.root:
+            raise ConfigError(f"{path}.root: required when {path}.source is 'imagefolder' (path to the ImageFolder tree).")
+        if self.source == "synthetic" and not 16 <= self.resolution <= 256:
+            raise ConfigError(f"{path}.resolution: the synthetic dataset renders 16..256 px, got {self.resolution}.")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; used twice: `tokenizer_train` and `prior_train`."""
+    steps: int = option(1000, "optimizer steps in total", ge=1)
+    batch_size: int = option(32, "global batch size (images per optimizer step, all ranks together)", ge=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step on each rank", ge=1)
+    lr: float = option(4e-5, "peak learning rate", gt=0.0)
+    betas: list[float] = option([0.5, 0.9], "Adam betas", ge=0.0, le=1.0)
+    weight_decay: float = option(0.0, "decoupled weight decay", ge=0.0)
+    warmup_steps: int = option(0, "linear warm-up steps before the cosine decay", ge=0)
+    min_lr_ratio: float = option(0.0, "final lr as a fraction of the peak (cosine floor)", ge=0.0, le=1.0)
+    grad_clip: float = option(1.0, "max global gradient norm (0 disables clipping)", ge=0.0)
+    precision: str = option("auto", "auto = bf16 autocast on GPU, fp32 on CPU", choices=("auto", "fp32", "bf16"))
+    engine: str = option("ddp", "data-parallel engine", choices=("ddp", "deepspeed"))
+    zero_stage: int = option(1, "DeepSpeed ZeRO stage (engine=deepspeed)", ge=0, le=3)
+    checkpoint_every: int = option(200, "save a checkpoint every N steps", ge=1)
+    keep_checkpoints: int = option(2, "how many most recent checkpoints to keep", ge=1)
+    log_every: int = option(10, "TensorBoard scalars every N steps", ge=1)
+    eval_every: int = option(0, "eval on val shards every N steps (0: only at the end)", ge=0)
+    eval_images: int = option(200, "val images used per eval", ge=1)
+
+
+@dataclass
+class PrecomputeConfig:
+    batch_size: int = option(64, "images encoded per batch on each rank", ge=1)
+    store_latents: bool = option(False, "also store the fp16 pre-quantization latent (for soft-label prior training)")
+    augment: str = option("none", "extra encoded views per image", choices=("none", "hflip", "tencrop"))
+    verify_images: int = option(32, "seeded sample of stored codes decoded to check PSNR at the end", ge=0)
+
+
+@dataclass
+class PriorConfig:
+    preset: str = option("", "prior preset name (e.g. RQ-1.4B, DQ-base); empty: the demo size")
+    dropout: float = option(0.1, "residual dropout", ge=0.0, le=1.0)
+    class_dropout: float = option(0.1, "label dropout for classifier-free guidance", ge=0.0, le=1.0)
+
+
+@dataclass
+class SampleConfig:
+    num_samples: int = option(50000, "images to generate (class-balanced)", ge=1)
+    batch_size: int = option(64, "images per sampling batch on each rank", ge=1)
+    temperature: float = option(1.0, "softmax temperature", gt=0.0)
+    top_k: int = option(0, "top-k filter (0: off)", ge=0)
+    top_p: float = option(1.0, "nucleus filter (1.0: off)", gt=0.0, le=1.0)
+    cfg_scale: float = option(1.0, "classifier-free guidance scale (1.0: off)", ge=0.0)
+
+
+@dataclass
+class ScoreConfig:
+    metrics: list[str] = option(["fid"], "metrics to compute", choices=("fid", "isc", "kid", "prc"))
+    inception_weights: str = option("", "path to torch-fidelity's inception-v3-compat weights (no download here)")
+    reference_stats: str = option("", "precomputed reference statistics (.npz/.pt); empty: the dataset's val split")
+
+
+@dataclass
+class Resources:
+    nodes: int = option(1, "SLURM nodes", ge=1)
+    gpus_per_node: int = option(0, "GPUs (= ranks) per node; 0 runs CPU ranks", ge=0, le=16)
+    tasks_per_node: int = option(1, "ranks per node when gpus_per_node is 0", ge=1)
+    cpus_per_task: int = option(2, "CPU cores per rank", ge=1)
+    mem_gb: int = option(16, "memory per node (GB)", ge=1)
+    time_min: int = option(60, "wall-time limit (minutes)", ge=1)
+    array_tasks: int = option(1, "SLURM array size (shard / precompute_codes only)", ge=1)
+
+
+@dataclass
+class LauncherConfig:
+    partition: str = option("", "SLURM partition (empty: cluster default)")
+    account: str = option("", "SLURM account (empty: none)")
+    signal_delay_s: int = option(120, "seconds before the time limit at which the job is signalled to checkpoint", ge=0)
+    shard: Resources = option(Resources(), "resources of the shard stage")
+    train_tokenizer: Resources = option(Resources(gpus_per_node=4, time_min=1440), "resources of train_tokenizer")
+    precompute_codes: Resources = option(Resources(gpus_per_node=1, time_min=240), "resources of precompute_codes")
+    train_prior: Resources = option(Resources(nodes=2, gpus_per_node=8, time_min=2880), "resources of train_prior")
+    sample: Resources = option(Resources(gpus_per_node=8, time_min=480), "resources of sample")
+    score: Resources = option(Resources(gpus_per_node=1, time_min=60), "resources of score")
+
+
