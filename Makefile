@@ -27,8 +27,10 @@ $(STAMP): setup.py
 run: install
 	$(dir $(PY))tessera run $(CONFIG) --run-dir $(RUN_DIR)
 
+# pytest exits 5 when it collects nothing: that must fail, not pass.
 test: install
-	$(PY) -m pytest -q tests
+	@$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 clean:
 	rm -rf runs .pytest_cache

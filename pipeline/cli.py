@@ -1,0 +1,158 @@
+"""`tessera` command line: run the pipeline, one stage, or show a run's status.
+
+    tessera run CONFIG [--run-dir DIR] [--stages a,b] [--force] [key=value ...]
+    tessera stage NAME CONFIG [--run-dir DIR] [--num-tasks N --task-id I] [--force] [key=value ...]
+    tessera status RUN_DIR
+    tessera config [CONFIG] [key=value ...] [--keys]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .configschema import ConfigError
+
+EPILOG = "Overrides are dotted keys, e.g. tokenizer_train.lr=1e-4 data.resolution=64 (see `tessera config --keys`)."
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML preset, e.g. configs/demo-rq.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--force", action="store_true", help="discard a stage's outputs when its config or inputs changed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tessera", description="Tessera: RQ / DQ autoregressive image generation "
+                                     "pipeline (shard -> train_tokenizer -> precompute_codes -> train_prior -> "
+                                     "sample -> score).", epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p_run = sub.add_parser("run", help="run the stages in order, skipping finished ones", epilog=EPILOG)
+    _add_common(p_run)
+    p_run.add_argument("--stages", default=None, help="comma-separated subset of stages (default: all implemented)")
+
+    p_stage = sub.add_parser("stage", help="run one stage (single process, torchrun or srun ranks)", epilog=EPILOG)
+    p_stage.add_argument("name", help="stage name: shard, train_tokenizer, precompute_codes, train_prior, sample, score")
+    _add_common(p_stage)
+    p_stage.add_argument("--num-tasks", type=int, default=None, help="array tasks sharing this stage (SLURM arrays)")
+    p_stage.add_argument("--task-id", type=int, default=None, help="this task's index in [0, num-tasks)")
+
+    p_status = sub.add_parser("status", help="table of stages: state, counts, wall time, key metrics")
+    p_status.add_argument("run_dir", help="run directory")
+
+    p_config = sub.add_parser("config", help="print the effective config, or every key with --keys")
+    p_config.add_argument("config", nargs="?", default=None, help="YAML preset")
+    p_config.add_argument("overrides", nargs="*", metavar="key=value")
+    p_config.add_argument("--keys", action="store_true", help="list every key with type, default and help")
+    return parser
+
+
+def _array_task(args) -> tuple[int, int]:
+    """--num-tasks/--task-id, else a SLURM job array, else a single task."""
+    num_tasks = args.num_tasks
+    task_id = args.task_id
+    if num_tasks is None and "SLURM_ARRAY_TASK_COUNT" in os.environ:
+        num_tasks = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+        task_id = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+    num_tasks = 1 if num_tasks is None else num_tasks
+    task_id = 0 if task_id is None else task_id
+    if num_tasks < 1:
+        raise ConfigError(f"--num-tasks must be >= 1, got {num_tasks}")
+    return num_tasks, task_id
+
+
+def _run_dir(args, cfg) -> Path:
+    return Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+
+
+def cmd_run(args) -> int:
+    from .config import load_config
+    from .stage import STAGE_NAMES, available_stages, run_stage
+
+    cfg = load_config(args.config, args.overrides)
+    implemented = available_stages()
+    if args.stages:
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+        for s in stages:
+            if s not in STAGE_NAMES:
+                raise ConfigError(f"--stages: unknown stage {s!r}; stages are: {', '.join(STAGE_NAMES)}")
+            if s not in implemented:
+                raise ConfigError(f"--stages: stage {s!r} is not implemented yet; available: {', '.join(implemented)}")
+        stages = [s for s in STAGE_NAMES if s in stages]  # always in pipeline order
+    else:
+        stages = implemented
+    run_dir = _run_dir(args, cfg)
+    for name in stages:
+        outcome = run_stage(name, cfg, run_dir, force=args.force)
+        print(f"[tessera] {name}: {outcome.status}", flush=True)
+    print(f"[tessera] run directory: {run_dir}  (see `tessera status {run_dir}`)")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from .config import load_config
+    from .stage import run_stage
+
+    cfg = load_config(args.config, args.overrides)
+    num_tasks, task_id = _array_task(args)
+    outcome = run_stage(args.name, cfg, _run_dir(args, cfg), force=args.force, num_tasks=num_tasks, task_id=task_id)
+    print(f"[tessera] {args.name}: {outcome.status}", flush=True)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .status import format_status
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory not found: {run_dir}")
+    print(format_status(run_dir))
+    return 0
+
+
+def cmd_config(args) -> int:
+    from .config import config_keys, load_config
+
+    if args.keys:
+        print("\n".join(config_keys()))
+        return 0
+    print(load_config(args.config, args.overrides).to_yaml(), end="")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status, "config": cmd_config}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like parse_args, but `key=value` overrides may also come after options (`--run-dir X a.b=1`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [tok for tok in extra if tok.startswith("-") or "=" not in tok or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from .stage import StageError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, StageError) as err:
+        print(f"tessera: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `tessera config --keys | head`
+        return 0
+    except KeyboardInterrupt:
+        print("tessera: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""`tessera status RUN_DIR`: one row per stage with state, counts, wall time and key metrics."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .rundir import RunDir
+
+
+def _fmt_mapping(d: dict, limit: int = 4) -> str:
+    items = []
+    for key, value in list(d.items())[:limit]:
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        items.append(f"{key}={value}")
+    return " ".join(items) or "-"
+
+
+def _fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    minutes, seconds = divmod(int(round(s)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def status_rows(run_dir: str | Path) -> list[list[str]]:
+    rows = []
+    for st in RunDir(run_dir).states():
+        done = st.done or {}
+        rows.append([st.name, st.state, _fmt_mapping(done.get("counts", {})),
+                     _fmt_seconds(done.get("wall_time_s")), _fmt_mapping(done.get("metrics", {}))])
+    return rows
+
+
+def format_status(run_dir: str | Path) -> str:
+    header = ["stage", "state", "counts", "wall time", "metrics"]
+    rows = [header] + status_rows(run_dir)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [f"run directory: {run_dir}"]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+import pytest
+
+from pipeline.config import Config, load_config, parse_override
+from pipeline.configschema import ConfigError
+
+DEMO = "configs/demo-rq.yaml"
+
+
+def error_of(overrides, path=DEMO) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+def test_presets_load(repo_root):
+    for name in ("demo-rq", "demo-dq", "imagenet256-rq"):
+        cfg = load_config(repo_root / "configs" / f"{name}.yaml")
+        assert cfg.name == name
+    assert load_config(repo_root / "configs/demo-dq.yaml").tokenizer.kind == "dq"
+
+
+def test_overrides_are_typed(repo_root):
+    cfg = load_config(repo_root / DEMO, ["tokenizer_train.lr=1e-4", "data.resolution=64", "data.hflip=true",
+                                         "tokenizer_train.betas=[0.9, 0.99]"])
+    assert cfg.tokenizer_train.lr == 1e-4 and isinstance(cfg.tokenizer_train.lr, float)
+    assert cfg.data.resolution == 64 and cfg.data.hflip is True
+    assert cfg.tokenizer_train.betas == [0.9, 0.99]
+
+
+def test_preset_then_explicit_keys(repo_root):
+    cfg = load_config(repo_root / DEMO, ["tokenizer.codebook_size=512"])
+    assert cfg.tokenizer.codebook_size == 512 and cfg.tokenizer.depth == 4  # rest from the rq-demo preset
+
+
+def test_unknown_key_names_path_and_suggests(repo_root):
+    msg = error_of(["data.resolutin=64"], repo_root / DEMO)
+    assert msg.startswith("data.resolutin: unknown key.")
+    assert "Did you mean 'resolution'?" in msg and "shard_max_count" in msg
+    assert "tokenizer_trian" in error_of(["tokenizer_trian.lr=1"], repo_root / DEMO)
+    assert "Did you mean 'tokenizer_train'" in error_of(["tokenizer_trian.lr=1"], repo_root / DEMO)
+
+
+def test_wrong_type(repo_root):
+    assert error_of(["data.resolution=big"], repo_root / DEMO) == "data.resolution: expected int, got str 'big'"
+    assert "expected list of float" in error_of(["tokenizer_train.betas=0.5"], repo_root / DEMO)
+    assert "data: expected a mapping" in error_of(["data=3"], repo_root / DEMO)
+
+
+def test_out_of_range_and_choices(repo_root):
+    assert "out of range; allowed: >= 8 and <= 1024" in error_of(["data.resolution=4"], repo_root / DEMO)
+    assert "> 0.0" in error_of(["tokenizer_train.lr=0"], repo_root / DEMO)
+    msg = error_of(["data.format=mdss"], repo_root / DEMO)
+    assert "'webdataset', 'mds'" in msg and "Did you mean 'mds'" in msg
+    assert "unknown tokenizer preset" in error_of(["tokenizer.preset=rq-dem"], repo_root / DEMO)
+
+
+def test_cross_field_validation(repo_root):
+    assert "data.root: required" in error_of(["data.source=imagefolder"], repo_root / DEMO)
+    assert "tokenizer.depth" in error_of(["tokenizer.kind=vq"], repo_root / DEMO)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("data.resolution")
+
+
+def test_section_hash_tracks_only_named_sections(repo_root):
+    a = load_config(repo_root / DEMO)
+    b = load_config(repo_root / DEMO, ["tokenizer_train.lr=1e-4"])
+    c = load_config(repo_root / DEMO, ["data.num_train=10"])
+    assert a.section_hash(["data"]) == b.section_hash(["data"]) != c.section_hash(["data"])
+    assert a.section_hash(["tokenizer_train"]) != b.section_hash(["tokenizer_train"])
+
+
+def test_yaml_round_trip(tmp_path, repo_root):
+    cfg = load_config(repo_root / DEMO, ["seed=3"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.to_yaml())
+    again = load_config(saved)
+    assert again.to_dict() == {**cfg.to_dict()} and isinstance(again, Config)
