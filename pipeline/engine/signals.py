@@ -1,0 +1,59 @@
+"""Preemption: SIGUSR1 / SIGUSR2 / SIGTERM ask the training loop to checkpoint and stop.
+
+SLURM sends USR1 (`--signal=B:USR1@N` in our sbatch scripts) or TERM before killing a job;
+submitit uses USR2. The handler only sets a flag; the loop polls `guard.should_stop()` at a step
+boundary, which all-reduces the flag so every rank checkpoints at the same step (DeepSpeed's
+save_checkpoint must be called on all ranks), then raises `Preempted` after saving.
+"""
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+PREEMPTED_EXIT_CODE = 3  # distinct from failures: the launcher requeues the job on this code
+
+
+class Preempted(Exception):
+    """Raised after a checkpoint was written in response to a preemption signal."""
+
+    def __init__(self, step: int, signum: int | None):
+        name = signal.Signals(signum).name if signum else "signal"
+        super().__init__(f"{name} received: checkpoint saved at step {step}; rerun the same command to resume")
+        self.step = step
+
+
+class PreemptionGuard:
+    def __init__(self, signals=PREEMPTION_SIGNALS):
+        self.signals = signals
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "PreemptionGuard":
+        for sig in self.signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def should_stop(self) -> bool:
+        """True on every rank if any rank was signalled (a collective call when distributed)."""
+        flag = self.received is not None
+        if dist.is_available() and dist.is_initialized():
+            t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+            if dist.get_backend() == "nccl":
+                t = t.cuda()
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
