@@ -140,6 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from .engine.signals import PREEMPTED_EXIT_CODE, Preempted
     from .stage import StageError
 
     try:
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StageError) as err:
         print(f"tessera: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stop:  # checkpoint written; the launcher requeues on this exit code
+        print(f"tessera: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except BrokenPipeError:  # e.g. `tessera config --keys | head`
         return 0
     except KeyboardInterrupt:
