@@ -1,0 +1,101 @@
+"""Exact CPU path: the reference's arithmetic, chunked so memory stays bounded for any N and K.
+
+Per chunk of rows (and of codes when K is large) the surrogate ||e||^2 - 2 x.e is produced by one
+fp32 addmm into a reused workspace, and a running (min, argmin) is kept per row. Code chunks are
+visited in increasing index order and a later chunk replaces the running best only when strictly
+smaller, so ties keep the lowest index exactly as a single pass would.
+
+Peak extra memory of nearest_code is the workspace (`CHUNK_BYTES`, default 4 MiB: small enough to
+stay in cache between the GEMM and the min pass) plus O(chunk x C) for the upcast rows; never N x K.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference as ref
+
+# Size of one block of fp32 surrogate distances. Module-level so tests can shrink it.
+CHUNK_BYTES = 4 << 20
+# Codes per K-chunk: the workspace holds at least this many codes for one row.
+MAX_K_CHUNK = 8192
+
+
+def chunk_shape(n_rows: int, n_codes: int) -> tuple[int, int]:
+    """(rows, codes) per block, with rows * codes * 4 <= max(CHUNK_BYTES, 4 * codes)."""
+    k_chunk = max(1, min(n_codes, MAX_K_CHUNK))
+    n_chunk = max(1, min(max(n_rows, 1), CHUNK_BYTES // (4 * k_chunk)))
+    return n_chunk, k_chunk
+
+
+def _search_block(x_rows_C, codebook_f32_KC, sqnorm_K, workspace, k_chunk):
+    """Running masked (min, argmin) of one block of rows over all codes, in K-chunks."""
+    rows, K = x_rows_C.shape[0], codebook_f32_KC.shape[0]
+    x_f32 = x_rows_C.float()
+    if K <= k_chunk:
+        d_RK = workspace[: rows * K].view(rows, K)
+        ref.surrogate_into(d_RK, x_f32, codebook_f32_KC, sqnorm_K)
+        return ref.masked_min(d_RK)
+    best_v = torch.full((rows,), float("inf"), dtype=torch.float32)
+    best_i = torch.full((rows,), -1, dtype=torch.int64)
+    for k0 in range(0, K, k_chunk):
+        k1 = min(K, k0 + k_chunk)
+        d_RK = workspace[: rows * (k1 - k0)].view(rows, k1 - k0)
+        ref.surrogate_into(d_RK, x_f32, codebook_f32_KC[k0:k1], sqnorm_K[k0:k1])
+        v, i = ref.masked_min(d_RK)
+        # Strictly smaller only: an equal value from a later chunk has a higher index.
+        better = v < best_v
+        best_v = torch.where(better, v, best_v)
+        best_i = torch.where(better, i + k0, best_i)
+    return best_v, best_i
+
+
+def _search(x_NC, codebook_KC, sqnorm_K, want_sqdist):
+    N, K = x_NC.shape[0], codebook_KC.shape[0]
+    codebook_f32 = codebook_KC.float()
+    if sqnorm_K is None:
+        sqnorm_K = ref.codebook_sqnorm(codebook_f32)
+    n_chunk, k_chunk = chunk_shape(N, K)
+    workspace = torch.empty(n_chunk * min(K, k_chunk), dtype=torch.float32)
+    idx_N = torch.empty(N, dtype=torch.int64)
+    sqdist_N = torch.empty(N, dtype=torch.float32) if want_sqdist else None
+    for n0 in range(0, N, n_chunk):
+        n1 = min(N, n0 + n_chunk)
+        _, idx = _search_block(x_NC[n0:n1], codebook_f32, sqnorm_K, workspace, k_chunk)
+        idx_N[n0:n1] = idx
+        if want_sqdist:
+            sqdist_N[n0:n1] = ref.exact_sqdist(x_NC[n0:n1], codebook_f32, idx)
+    return idx_N, sqdist_N
+
+
+def nearest_code(x_NC, codebook_KC, codebook_sqnorm_K=None):
+    return _search(x_NC, codebook_KC, codebook_sqnorm_K, want_sqdist=True)
+
+
+def _search_codes_only(residual_NC, codebook_KC, sqnorm_K):
+    return _search(residual_NC, codebook_KC, sqnorm_K, want_sqdist=False)
+
+
+def residual_quantize(x_NC, codebook, depth):
+    # Same depth loop (and so the same residual rounding) as the reference; only the search differs.
+    return ref.residual_quantize(x_NC, codebook, depth, search=_search_codes_only)
+
+
+def soft_codes(residual_NC, codebook_KC, tau, sample=False, generator=None):
+    """Writes each block's surrogate distances straight into the output rows and turns them into
+    probabilities in place, so the only N x K allocation is the returned probs."""
+    N, K = residual_NC.shape[0], codebook_KC.shape[0]
+    codebook_f32 = codebook_KC.float()
+    sqnorm_K = ref.codebook_sqnorm(codebook_f32)
+    probs_NK = torch.empty(N, K, dtype=torch.float32)
+    # Uniforms for all rows up front, in row order: same draws as the reference for one generator.
+    u_N = ref.draw_uniforms(N, residual_NC.device, generator) if sample else None
+    sampled_N = torch.empty(N, dtype=torch.int64) if sample else None
+    n_chunk = max(1, CHUNK_BYTES // (4 * K))
+    for n0 in range(0, N, n_chunk):
+        n1 = min(N, n0 + n_chunk)
+        block_RK = probs_NK[n0:n1]
+        ref.surrogate_into(block_RK, residual_NC[n0:n1].float(), codebook_f32, sqnorm_K)
+        ref.softmax_rows_(block_RK, tau)
+        if sample:
+            sampled_N[n0:n1] = ref.sample_rows(block_RK, u_N[n0:n1])
+    return probs_NK, sampled_N

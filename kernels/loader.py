@@ -1,0 +1,108 @@
+"""Finds or builds the CUDA codebook-search extension.
+
+Order: the ahead-of-time module `kernels._codebook_search_cuda` (built by setup.py with
+TESSERA_BUILD_CUDA=1) if importable, else a just-in-time build of kernels/csrc with
+torch.utils.cpp_extension.load into a cache directory. A failed build raises KernelBuildError that
+names the log file; the failure is remembered so later calls fail fast instead of recompiling.
+Nothing here is imported on the CPU path, so a broken toolchain never affects CPU users.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import traceback
+from pathlib import Path
+
+AOT_MODULE = "kernels._codebook_search_cuda"
+JIT_NAME = "tessera_codebook_search"
+CSRC_DIR = Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC_DIR / "codebook_search.cpp", CSRC_DIR / "codebook_search.cu")
+
+# No --use_fast_math: it flushes denormals and relaxes division, and the search promises fp32
+# results. -lineinfo costs nothing at run time and makes profiler output readable.
+NVCC_FLAGS = ("-O3", "-lineinfo")
+CXX_FLAGS = ("-O3",)
+
+_lock = threading.Lock()
+_module = None
+_failure: Exception | None = None
+
+
+class KernelBuildError(RuntimeError):
+    """The CUDA extension could not be built or loaded; `log_path` holds the compiler output."""
+
+    def __init__(self, message: str, log_path: Path | None):
+        super().__init__(message)
+        self.log_path = log_path
+
+
+def cache_dir() -> Path:
+    """TESSERA_KERNELS_CACHE, else $TORCH_EXTENSIONS_DIR/tessera, else ~/.cache/tessera/kernels."""
+    if os.environ.get("TESSERA_KERNELS_CACHE"):
+        return Path(os.environ["TESSERA_KERNELS_CACHE"])
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "tessera"
+    return Path.home() / ".cache" / "tessera" / "kernels"
+
+
+def build(build_dir: str | os.PathLike | None = None, verbose: bool = False):
+    """JIT-compile kernels/csrc into `build_dir` (default: cache_dir()) and import it.
+
+    torch's loader hashes sources and flags, so an unchanged build is reused. Raises
+    KernelBuildError with the compiler output written to <build_dir>/build.log.
+    """
+    from torch.utils import cpp_extension
+
+    build_path = Path(build_dir) if build_dir is not None else cache_dir()
+    build_path.mkdir(parents=True, exist_ok=True)
+    log_path = build_path / "build.log"
+    try:
+        return cpp_extension.load(
+            name=JIT_NAME,
+            sources=[str(s) for s in SOURCES],
+            extra_include_paths=[str(CSRC_DIR)],
+            extra_cflags=list(CXX_FLAGS),
+            extra_cuda_cflags=list(NVCC_FLAGS),
+            build_directory=str(build_path),
+            with_cuda=True,
+            verbose=verbose,
+        )
+    except Exception as exc:  # torch raises RuntimeError/OSError/ImportError with the compiler output
+        log_path.write_text(f"{exc}\n\n{traceback.format_exc()}")
+        raise KernelBuildError(
+            f"building the CUDA codebook-search extension failed ({type(exc).__name__}); "
+            f"compiler log: {log_path}. The CPU path (tensors on CPU) is unaffected.",
+            log_path,
+        ) from exc
+
+
+def get_cuda_extension():
+    """The loaded extension module (AOT if installed, else JIT-built once per process)."""
+    global _module, _failure
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is not None:
+            return _module
+        if _failure is not None:
+            raise _failure
+        try:
+            _module = importlib.import_module(AOT_MODULE)
+            return _module
+        except ImportError:
+            pass
+        try:
+            _module = build()
+        except KernelBuildError as exc:
+            _failure = exc
+            raise
+        return _module
+
+
+def reset() -> None:
+    """Forget a loaded module or remembered failure (tests; after fixing a toolchain)."""
+    global _module, _failure
+    with _lock:
+        _module = None
+        _failure = None
