@@ -40,7 +40,8 @@ class TokenizerConfig:
     budget_weight: float = option(10.0, "dq: budget loss weight gamma", ge=0.0)
     gumbel_tau: float = option(1.0, "dq: Gumbel-softmax temperature of the learned router", gt=0.0)
     coarse_vq_weight: float = option(0.25, "dq: VQ-loss weight on copied coarse cells", ge=0.0)
-    entropy_bins: int = option(32, "dq entropy router: histogram bins over [-1, 1]", ge=2)
+    entropy_bins: int = option(32, "dq entropy router: histogram bins over [-1, 1] (threshold: call "
+                                   "pipeline.models.dq.calibrate_entropy_threshold before training)", ge=2)
     # Losses and discriminator.
     recon_loss: str = option("l2", "pixel reconstruction loss", choices=("l1", "l2"))
     lpips_weight: float = option(1.0, "LPIPS perceptual loss weight (0 disables)", ge=0.0)
@@ -51,6 +52,8 @@ class TokenizerConfig:
     disc_layers: int = option(2, "PatchGAN layers", ge=1, le=6)
     disc_ndf: int = option(64, "PatchGAN base channels", ge=8)
     disc_lr: float = option(0.0, "discriminator lr (0: same as the generator's)", ge=0.0)
+    disc_sync_bn: bool = option(False, "convert the discriminator's BatchNorm to SyncBatchNorm under DDP (CUDA only); "
+                                       "off: per-rank batch statistics, running stats broadcast from rank 0 by DDP")
 
     @classmethod
     def preset_values(cls, name: str, path: str) -> dict:
@@ -66,6 +69,11 @@ class TokenizerConfig:
             raise ConfigError(f"{path}.depth: kind 'vq' is RQ with depth 1, got depth {self.depth}.")
         if self.kind == "dq" and len(self.ch_mult) < 2:
             raise ConfigError(f"{path}.ch_mult: dq needs at least 2 levels (fine and coarse grids).")
+        if self.kind == "dq" and self.granularities == 3:
+            raise ConfigError(f"{path}.granularities: the triple-granularity DQ variant (3) is not implemented; "
+                              f"use 2 (coarse + fine).")
+        if self.kind == "dq" and self.depth != 1:
+            raise ConfigError(f"{path}.depth: dq uses one code per cell (depth 1), got depth {self.depth}.")
 
     @property
     def downsample_factor(self) -> int:

@@ -1,0 +1,196 @@
+"""VQGAN-style convolutional encoder/decoder shared by the VQ, RQ and DQ tokenizers.
+
+Layout (encoder): conv_in -> one level per `ch_mult` entry (num_res_blocks ResnetBlocks, attention
+where the feature side is in `attn_resolutions`, Downsample after every level but the last) ->
+head (mid: res/attn/res, GroupNorm, SiLU, conv_out to z_channels). The trunk and the head are
+separate modules because DQ attaches two heads (fine and coarse) to one trunk.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def Normalize(channels: int) -> nn.GroupNorm:
+    # 32 groups as in VQGAN; tiny demo widths fall back to fewer groups that divide the channels.
+    groups = 32
+    while channels % groups:
+        groups //= 2
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1, self.conv1 = Normalize(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2, self.conv2 = Normalize(out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x_BCHW)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x_BCHW) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention (fused SDPA kernel instead of an explicit HW x HW matrix)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = Normalize(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        H, W = x_BCHW.shape[-2:]
+        q, k, v = rearrange(self.qkv(self.norm(x_BCHW)), "b (three c) h w -> three b 1 (h w) c", three=3)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x_BCHW + self.proj(rearrange(out, "b 1 (h w) c -> b c h w", h=H, w=W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        # Asymmetric pad (right/bottom) so a stride-2 3x3 conv halves even sides exactly (VQGAN).
+        return self.conv(F.pad(x_BCHW, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x_BCHW, scale_factor=2.0, mode="nearest"))
+
+
+class _Checkpointed(nn.Module):
+    """Runs blocks in sequence, recomputing each in backward when enabled (saves activation memory)."""
+
+    def __init__(self, blocks: list[nn.Module], grad_checkpointing: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.grad_checkpointing = grad_checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+def _mid_blocks(ch: int, dropout: float) -> list[nn.Module]:
+    return [ResnetBlock(ch, ch, dropout), AttnBlock(ch), ResnetBlock(ch, ch, dropout)]
+
+
+class EncoderTrunk(nn.Module):
+    """conv_in and the down levels; returns every level's output (before its downsampling)."""
+
+    def __init__(self, *, resolution: int, ch: int, ch_mult: list[int], num_res_blocks: int,
+                 attn_resolutions: list[int], dropout: float = 0.0, in_channels: int = 3,
+                 grad_checkpointing: bool = False):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.levels, self.downs = nn.ModuleList(), nn.ModuleList()
+        self.level_channels, self.level_sides = [], []
+        side, in_ch = resolution, ch
+        for i, mult in enumerate(ch_mult):
+            out_ch, blocks = ch * mult, []
+            for _ in range(num_res_blocks):
+                blocks.append(ResnetBlock(in_ch, out_ch, dropout))
+                in_ch = out_ch
+                if side in attn_resolutions:
+                    blocks.append(AttnBlock(out_ch))
+            self.levels.append(_Checkpointed(blocks, grad_checkpointing))
+            self.level_channels.append(out_ch)
+            self.level_sides.append(side)
+            if i < len(ch_mult) - 1:
+                self.downs.append(Downsample(out_ch))
+                side //= 2
+
+    def forward(self, x_BCHW: torch.Tensor) -> list[torch.Tensor]:
+        h, outs = self.conv_in(x_BCHW), []
+        for i, level in enumerate(self.levels):
+            h = level(h)
+            outs.append(h)
+            if i < len(self.downs):
+                h = self.downs[i](h)
+        return outs
+
+
+class EncoderHead(nn.Module):
+    """mid block + norm + SiLU + conv_out: maps one trunk level to z_channels."""
+
+    def __init__(self, in_ch: int, z_channels: int, dropout: float = 0.0, grad_checkpointing: bool = False):
+        super().__init__()
+        self.mid = _Checkpointed(_mid_blocks(in_ch, dropout), grad_checkpointing)
+        self.norm_out = Normalize(in_ch)
+        self.conv_out = nn.Conv2d(in_ch, z_channels, 3, padding=1)
+
+    def forward(self, h_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.norm_out(self.mid(h_BCHW))))
+
+
+class Encoder(nn.Module):
+    """images (B,3,R,R) -> z (B, z_channels, R/f, R/f) with f = 2**(len(ch_mult)-1)."""
+
+    def __init__(self, *, resolution: int, ch: int, ch_mult: list[int], num_res_blocks: int,
+                 attn_resolutions: list[int], z_channels: int, dropout: float = 0.0, in_channels: int = 3,
+                 grad_checkpointing: bool = False):
+        super().__init__()
+        self.trunk = EncoderTrunk(resolution=resolution, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+                                  attn_resolutions=attn_resolutions, dropout=dropout, in_channels=in_channels,
+                                  grad_checkpointing=grad_checkpointing)
+        self.head = EncoderHead(self.trunk.level_channels[-1], z_channels, dropout, grad_checkpointing)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x_BCHW)[-1])
+
+
+class Decoder(nn.Module):
+    """z (B, z_channels, r, r) -> images (B, 3, r*f, r*f); mirror of the encoder with one extra block per level."""
+
+    def __init__(self, *, resolution: int, ch: int, ch_mult: list[int], num_res_blocks: int,
+                 attn_resolutions: list[int], z_channels: int, dropout: float = 0.0, out_channels: int = 3,
+                 grad_checkpointing: bool = False):
+        super().__init__()
+        side = resolution // 2 ** (len(ch_mult) - 1)
+        in_ch = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, in_ch, 3, padding=1)
+        self.mid = _Checkpointed(_mid_blocks(in_ch, dropout), grad_checkpointing)
+        self.levels, self.ups = nn.ModuleList(), nn.ModuleList()
+        for i in reversed(range(len(ch_mult))):
+            out_ch, blocks = ch * ch_mult[i], []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResnetBlock(in_ch, out_ch, dropout))
+                in_ch = out_ch
+                if side in attn_resolutions:
+                    blocks.append(AttnBlock(out_ch))
+            self.levels.append(_Checkpointed(blocks, grad_checkpointing))
+            if i > 0:
+                self.ups.append(Upsample(out_ch))
+                side *= 2
+        self.norm_out = Normalize(in_ch)
+        self.conv_out = nn.Conv2d(in_ch, out_channels, 3, padding=1)
+
+    def forward(self, z_BCHW: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z_BCHW))
+        for i, level in enumerate(self.levels):
+            h = level(h)
+            if i < len(self.ups):
+                h = self.ups[i](h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the final conv: the adaptive GAN weight compares gradient norms here."""
+        return self.conv_out.weight

@@ -1,0 +1,202 @@
+"""DQ-VAE: dynamic (coarse/fine) quantization with a learned or an entropy router.
+
+One encoder trunk, two heads: fine features at the level whose side is 2x the coarse grid, coarse
+at the last level. A router picks, per coarse region, either one coarse code or four fine codes.
+The chosen features are merged into one fine-grid map (coarse cells copied 2x2), quantized by a
+single shared VQ, and decoded by a decoder that adds learned 2-D position embeddings, since the
+copied coarse codes otherwise carry no information about where inside the region a cell lies.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from ..losses.budget import budget_loss
+from .autoencoder import Decoder, EncoderHead, EncoderTrunk, Normalize
+from .quantizer import VectorQuantizer
+from .tokenizers import Tokenizer, TokenizerAux, _arch_kwargs, quantizer_kwargs
+
+
+def _keep_mask(granularity_BHcWc: torch.Tensor) -> torch.Tensor:
+    """(B, Hc*Wc, 4) bool: which of a region's 2x2 fine-cell codes enter the sequence."""
+    fine = rearrange(granularity_BHcWc.bool(), "b h w -> b (h w) 1")
+    return torch.cat([torch.ones_like(fine), fine.expand(-1, -1, 3)], dim=-1)
+
+
+@dataclass
+class DQCodes:
+    """Variable-length DQ codes.
+
+    sequences: per image, raster order over coarse regions; a coarse region contributes 1 code,
+      a fine region its 4 codes in 2x2 raster order. Length = coarse regions + 4 * fine regions.
+    granularity_BHcWc: int64, 0 coarse / 1 fine.
+    code_map_BHW: int64 fine-grid codes (2Hc x 2Wc), coarse codes copied to their 4 cells.
+    """
+    sequences: list[torch.Tensor]
+    granularity_BHcWc: torch.Tensor
+    code_map_BHW: torch.Tensor
+
+    @classmethod
+    def from_code_map(cls, code_map_BHW: torch.Tensor, granularity_BHcWc: torch.Tensor) -> "DQCodes":
+        blocks = rearrange(code_map_BHW, "b (h p) (w q) -> b (h w) (p q)", p=2, q=2)
+        keep = _keep_mask(granularity_BHcWc)
+        return cls([blocks[b][keep[b]] for b in range(blocks.shape[0])], granularity_BHcWc, code_map_BHW)
+
+    @classmethod
+    def from_sequences(cls, sequences: list[torch.Tensor], granularity_BHcWc: torch.Tensor) -> "DQCodes":
+        """Inverse of `from_code_map` (what a DQ prior produces -> what the decoder needs)."""
+        B, Hc, Wc = granularity_BHcWc.shape
+        keep = _keep_mask(granularity_BHcWc)
+        blocks = torch.zeros(B, Hc * Wc, 4, dtype=torch.long, device=granularity_BHcWc.device)
+        for b, seq in enumerate(sequences):
+            if seq.numel() != int(keep[b].sum()):
+                raise ValueError(f"image {b}: sequence has {seq.numel()} codes, granularity map needs "
+                                 f"{int(keep[b].sum())} (coarse regions + 4 x fine regions)")
+            blocks[b][keep[b]] = seq.to(blocks.device)
+        coarse = ~keep[..., 1]
+        blocks[coarse] = blocks[coarse][:, :1].expand(-1, 4)
+        code_map = rearrange(blocks, "b (h w) (p q) -> b (h p) (w q)", h=Hc, w=Wc, p=2, q=2)
+        return cls(list(sequences), granularity_BHcWc, code_map)
+
+    def lengths(self) -> torch.Tensor:
+        g = self.granularity_BHcWc
+        return (g == 0).sum((1, 2)) + 4 * (g == 1).sum((1, 2))
+
+
+def patch_entropy(images_BCHW: torch.Tensor, grid: int, bins: int = 32) -> torch.Tensor:
+    """Entropy (nats) of a soft grayscale histogram over [-1, 1] in each of grid x grid patches.
+
+    Triangular (linear) bin assignment makes the histogram a smooth function of the pixels and its
+    weights sum to 1 per pixel. Returns (B, grid, grid).
+    """
+    rgb = images_BCHW.float().clamp(-1, 1)
+    gray_BHW = (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]) if rgb.shape[1] == 3 else rgb[:, 0]
+    centers_K = torch.linspace(-1, 1, bins, device=rgb.device)
+    w_BHWK = F.relu(1 - (gray_BHW[..., None] - centers_K).abs() * ((bins - 1) / 2))
+    hist = rearrange(w_BHWK, "b (h p) (w q) k -> b h w (p q) k", h=grid, w=grid).mean(-2)
+    return -(hist * torch.log(hist.clamp_min(1e-12))).sum(-1)
+
+
+class DQTokenizer(Tokenizer):
+    """images (B,3,R,R) -> DQCodes over a coarse grid R/f and a fine grid 2R/f."""
+
+    def __init__(self, cfg, resolution: int):
+        super().__init__()
+        if cfg.granularities != 2:
+            raise ValueError("DQTokenizer implements granularities=2 (coarse + fine) only")
+        z = cfg.z_channels
+        self.resolution, self.router_kind = resolution, cfg.router
+        self.target_ratio, self.budget_weight = cfg.target_ratio, cfg.budget_weight
+        self.gumbel_tau, self.coarse_vq_weight, self.entropy_bins = cfg.gumbel_tau, cfg.coarse_vq_weight, cfg.entropy_bins
+        self.coarse_side = resolution // cfg.downsample_factor
+        arch = _arch_kwargs(cfg)
+        self.trunk = EncoderTrunk(resolution=resolution, **arch)
+        self.fine_head = EncoderHead(self.trunk.level_channels[-2], z, cfg.dropout, cfg.grad_checkpointing)
+        self.coarse_head = EncoderHead(self.trunk.level_channels[-1], z, cfg.dropout, cfg.grad_checkpointing)
+        self.router_norm_fine, self.router_norm_coarse = Normalize(z), Normalize(z)
+        self.router_mlp = nn.Sequential(nn.Linear(2 * z, 2 * z), nn.SiLU(), nn.Linear(2 * z, 2))
+        self.quant_conv = nn.Conv2d(z, z, 1)
+        self.quantizer = VectorQuantizer(z, cfg.codebook_size, **quantizer_kwargs(cfg))
+        self.post_quant_conv = nn.Conv2d(z, z, 1)
+        self.pos_embed = nn.Parameter(torch.randn(1, z, 2 * self.coarse_side, 2 * self.coarse_side) * 0.02)
+        # The decoder starts from the fine grid: one level (one upsampling) fewer than the encoder.
+        self.decoder = Decoder(resolution=resolution, z_channels=z, **dict(arch, ch_mult=list(cfg.ch_mult)[:-1]))
+        # Entropy router threshold: set by `calibrate_entropy_threshold`, saved with the model.
+        self.register_buffer("entropy_threshold", torch.tensor(float("nan")))
+
+    # ---- routing -------------------------------------------------------------------------
+    def router_logits(self, h_fine_BCHW: torch.Tensor, h_coarse_BCHW: torch.Tensor) -> torch.Tensor:
+        """(B, Hc, Wc, 2) logits [coarse, fine] per coarse region."""
+        fine = F.avg_pool2d(self.router_norm_fine(h_fine_BCHW), 2)
+        feats = torch.cat([self.router_norm_coarse(h_coarse_BCHW), fine], dim=1)
+        return self.router_mlp(rearrange(feats, "b c h w -> b h w c"))
+
+    def route(self, images_BCHW, h_fine_BCHW, h_coarse_BCHW) -> torch.Tensor:
+        """Gate (B, Hc, Wc) float in {0, 1}: 1 = fine. Straight-through in learned training mode."""
+        if self.router_kind == "entropy":
+            if torch.isnan(self.entropy_threshold):
+                raise RuntimeError("DQ entropy router: threshold not set; call "
+                                   "pipeline.models.dq.calibrate_entropy_threshold(model, batches) first")
+            ent = patch_entropy(images_BCHW, self.coarse_side, self.entropy_bins)
+            return (ent > self.entropy_threshold).to(h_fine_BCHW.dtype)
+        logits = self.router_logits(h_fine_BCHW, h_coarse_BCHW)
+        if self.training:
+            return F.gumbel_softmax(logits.float(), tau=self.gumbel_tau, hard=True)[..., 1].to(h_fine_BCHW.dtype)
+        return (logits.argmax(-1) == 1).to(h_fine_BCHW.dtype)
+
+    @staticmethod
+    def merge(h_fine_BCHW, h_coarse_BCHW, gate_BHcWc) -> torch.Tensor:
+        """One fine-grid map: fine features where gate=1, coarse features copied 2x2 where gate=0."""
+        gate = repeat(gate_BHcWc, "b h w -> b 1 (h p) (w q)", p=2, q=2)
+        coarse_up = F.interpolate(h_coarse_BCHW, scale_factor=2.0, mode="nearest")
+        return gate * h_fine_BCHW + (1 - gate) * coarse_up
+
+    def _features(self, images_BCHW):
+        levels = self.trunk(images_BCHW)
+        h_fine, h_coarse = self.fine_head(levels[-2]), self.coarse_head(levels[-1])
+        gate = self.route(images_BCHW, h_fine, h_coarse)
+        return self.quant_conv(self.merge(h_fine, h_coarse, gate)), gate
+
+    # ---- interface -----------------------------------------------------------------------
+    def forward(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, TokenizerAux]:
+        z_BCHW, gate = self._features(images_BCHW)
+        # Each of a coarse code's 4 copies weighs coarse_vq_weight (0.25: the code counts once).
+        fine_cells = repeat(gate.detach(), "b h w -> b (h p) (w q)", p=2, q=2)
+        weight_BHW = fine_cells + (1 - fine_cells) * self.coarse_vq_weight
+        q = self.quantizer(z_BCHW, weight_BHW)
+        recon = self.decode_latent(q.zq_BCHW)
+        fine_ratio = gate.mean()
+        budget = (budget_loss(fine_ratio, self.target_ratio, self.budget_weight) if self.router_kind == "learned"
+                  else fine_ratio.new_zeros(()))  # the entropy router has nothing to train
+        codes_per_image = (1 + 3 * gate.detach()).sum((1, 2)).float().mean()
+        return recon, TokenizerAux(quant_loss=q.loss, budget_loss=budget, usage_D=q.usage_D,
+                                   perplexity_D=q.perplexity_D, fine_ratio=fine_ratio.detach(),
+                                   extra={"codes_per_image": codes_per_image})
+
+    def decode_latent(self, zq_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(zq_BCHW) + self.pos_embed)
+
+    @torch.no_grad()
+    def encode(self, images_BCHW: torch.Tensor) -> DQCodes:
+        was_training = self.training
+        self.eval()  # argmax routing; never touch the EMA codebook
+        try:
+            z_BCHW, gate = self._features(images_BCHW)
+            code_map = self.quantizer.encode(z_BCHW)[..., 0]
+        finally:
+            self.train(was_training)
+        return DQCodes.from_code_map(code_map, gate.long())
+
+    def decode(self, codes: DQCodes) -> torch.Tensor:
+        return self.decode_latent(self.quantizer.lookup(codes.code_map_BHW[..., None]))
+
+    def codes_per_image(self, codes: DQCodes) -> torch.Tensor:
+        return codes.lengths()
+
+
+@torch.no_grad()
+def calibrate_entropy_threshold(model: DQTokenizer, batches: Iterable[torch.Tensor],
+                                max_batches: int | None = None) -> float:
+    """Set the entropy router's threshold to the data percentile that makes `target_ratio` of regions fine.
+
+    `batches` yields images (B,3,R,R) in [-1,1] (or (images, labels) tuples). Returns the threshold.
+    """
+    values = []
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        values.append(patch_entropy(images, model.coarse_side, model.entropy_bins).flatten().cpu())
+    if not values:
+        raise ValueError("calibrate_entropy_threshold: the batch iterator yielded no images")
+    ent = torch.cat(values).sort().values
+    # Regions strictly above the (1 - target) quantile are fine, so ~target_ratio of them end up fine.
+    k = min(int(round((1.0 - model.target_ratio) * ent.numel())), ent.numel() - 1)
+    threshold = float(ent[k]) if model.target_ratio < 1.0 else float(ent[0]) - 1.0
+    model.entropy_threshold.fill_(threshold)
+    return threshold
