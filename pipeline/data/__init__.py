@@ -1,0 +1,1 @@
+"""Image data: the embedded synthetic dataset, image sources, shard writing and shard readers."""
