@@ -61,10 +61,13 @@ class LPIPSLoss(nn.Module):
         with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=` argument
             warnings.simplefilter("ignore", UserWarning)
             self.model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
-        missing, unexpected = self.model.net.load_state_dict(backbone, strict=False)
+        try:
+            missing, unexpected = self.model.net.load_state_dict(backbone, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise RuntimeError(f"tokenizer.lpips_weights: not a VGG16 backbone state_dict: {exc}") from exc
         if missing or unexpected:
             raise RuntimeError(f"tokenizer.lpips_weights: not a VGG16 backbone state_dict "
-                               f"(missing {missing[:4]}..., unexpected {unexpected[:4]}...)")
+                               f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
         self.model.eval().requires_grad_(False)
 
     def train(self, mode: bool = True):
