@@ -146,14 +146,15 @@ class DQTokenizer(Tokenizer):
     def forward(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, TokenizerAux]:
         z_BCHW, gate = self._features(images_BCHW)
         # Each of a coarse code's 4 copies weighs coarse_vq_weight (0.25: the code counts once).
-        fine_cells = repeat(gate.detach(), "b h w -> b (h p) (w q)", p=2, q=2)
+        hard_gate = gate.detach().round()  # straight-through gates can be 1 +- 1 ulp; weights must be exact
+        fine_cells = repeat(hard_gate, "b h w -> b (h p) (w q)", p=2, q=2)
         weight_BHW = fine_cells + (1 - fine_cells) * self.coarse_vq_weight
         q = self.quantizer(z_BCHW, weight_BHW)
         recon = self.decode_latent(q.zq_BCHW)
         fine_ratio = gate.mean()
         budget = (budget_loss(fine_ratio, self.target_ratio, self.budget_weight) if self.router_kind == "learned"
                   else fine_ratio.new_zeros(()))  # the entropy router has nothing to train
-        codes_per_image = (1 + 3 * gate.detach()).sum((1, 2)).float().mean()
+        codes_per_image = (1 + 3 * hard_gate).sum((1, 2)).float().mean()
         return recon, TokenizerAux(quant_loss=q.loss, budget_loss=budget, usage_D=q.usage_D,
                                    perplexity_D=q.perplexity_D, fine_ratio=fine_ratio.detach(),
                                    extra={"codes_per_image": codes_per_image})
