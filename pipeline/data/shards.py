@@ -27,6 +27,7 @@ from .sources import LoadedImage, encode_image
 IMAGE_EXTENSION = {"png": "png", "jpeg": "jpg"}
 MDS_SIZE_LIMIT = 1 << 31  # MDSWriter stores offsets as uint32; one unit normally fits one .mds file
 _SAMPLE_OVERHEAD_BYTES = 3 * 1024  # three tar headers + padding + the small json/cls members
+_ARCHIVE_OVERHEAD_BYTES = tarfile.RECORDSIZE  # end-of-archive blocks + padding to a whole tar record
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,9 @@ def samples_per_shard(resolution: int, max_count: int, max_bytes: int) -> int:
     on which worker saw what; raw RGB plus headers bounds a PNG of these images from above, so
     shards stay under `max_bytes` while the plan stays a function of the config.
     """
-    per_sample = resolution * resolution * 3 + _SAMPLE_OVERHEAD_BYTES
-    return max(1, min(max_count, max_bytes // per_sample))
+    # PNG adds a filter byte per row and chunk headers to incompressible data.
+    per_sample = resolution * resolution * 3 + resolution + 128 + _SAMPLE_OVERHEAD_BYTES
+    return max(1, min(max_count, (max_bytes - _ARCHIVE_OVERHEAD_BYTES) // per_sample))
 
 
 def plan_shards(split_sizes: dict[str, int], per_shard: int, fmt: str) -> list[ShardSpec]:
