@@ -139,7 +139,7 @@ class ShardedImageDataset(Dataset):
         index, epoch = item if isinstance(item, tuple) else (item, None)
         key, label, data = self.raw(index)
         with Image.open(io.BytesIO(data)) as image:
-            pixels = np.asarray(image.convert("RGB"))
+            pixels = np.array(image.convert("RGB"))  # a writable copy: torch refuses read-only arrays
         if epoch is not None and (self.random_crop or self.hflip):
             pixels = self._augment(pixels, index, epoch)
         tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
