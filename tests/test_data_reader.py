@@ -86,7 +86,8 @@ def test_tampered_shard_is_detected_and_named(shard_dirs, fmt, tmp_path):
 
     copy = tmp_path / "shard"
     shutil.copytree(shard_dirs[fmt], copy)
-    make_image_loader(copy, "train", 4)  # verifies and caches the verification
+    assert (copy / ".verified.json").exists()  # seeded by the shard stage: the first open only stats files
+    make_image_loader(copy, "train", 4)
     unit = copy / ("train/train-000002.tar" if fmt == "webdataset" else "train/train-000002/shard.00000.mds")
     data = bytearray(unit.read_bytes())
     data[len(data) // 2] ^= 0x01

@@ -126,6 +126,14 @@ def verify_shards(manifest: dict | str | os.PathLike, root: str | os.PathLike | 
             pass  # a read-only shard folder: verification simply is not cached
 
 
+def remember_verified(root: Path, manifest: dict) -> None:
+    """Seed the verification cache with shards whose writers just hashed them, so the first
+    loader open only stats files; a later change to any shard changes its stamp and is hashed."""
+    cache = {shard["name"]: [*_stamp(root / shard["name"]), shard["sha256"]]
+             for info in manifest["splits"].values() for shard in info["shards"]}
+    atomic_write_json(root / _VERIFY_CACHE_NAME, cache)
+
+
 def _stamp(unit: Path) -> list[int]:
     files = [unit] if unit.is_file() else sorted(p for p in unit.rglob("*") if p.is_file())
     stats = [p.stat() for p in files]

@@ -110,6 +110,7 @@ class ShardJob:
                 f"{self.stage_dir / manifest_lib.REJECTED_NAME} (e.g. {examples[:500]}). Fix or remove them, or "
                 f"raise data.max_reject_fraction.")
         if write:
+            manifest_lib.remember_verified(self.stage_dir, manifest)
             manifest_lib.write_manifest(self.stage_dir, manifest, rejected)
         counts = {"shards": totals["shards"], "images": totals["samples"], "inputs": totals["inputs"],
                   "rejected": totals["rejected"], "bytes": totals["bytes"],
