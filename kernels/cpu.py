@@ -54,6 +54,7 @@ def _search(x_NC, codebook_KC, sqnorm_K, want_sqdist):
     codebook_f32 = codebook_KC.float()
     if sqnorm_K is None:
         sqnorm_K = ref.codebook_sqnorm(codebook_f32)
+    canon_K = ref.lowest_duplicate(codebook_KC, CHUNK_BYTES)
     n_chunk, k_chunk = chunk_shape(N, K)
     workspace = torch.empty(n_chunk * min(K, k_chunk), dtype=torch.float32)
     idx_N = torch.empty(N, dtype=torch.int64)
@@ -61,6 +62,7 @@ def _search(x_NC, codebook_KC, sqnorm_K, want_sqdist):
     for n0 in range(0, N, n_chunk):
         n1 = min(N, n0 + n_chunk)
         _, idx = _search_block(x_NC[n0:n1], codebook_f32, sqnorm_K, workspace, k_chunk)
+        ref.canonicalize_(idx, canon_K)
         idx_N[n0:n1] = idx
         if want_sqdist:
             sqdist_N[n0:n1] = ref.exact_sqdist(x_NC[n0:n1], codebook_f32, idx)

@@ -7,7 +7,9 @@ same rules, defined here once:
 * Search distance. The argmin runs on the surrogate d_k = ||e_k||^2 - 2 x.e_k in fp32 (inputs
   upcast, products accumulated in fp32). ||x||^2 is the same for every code of a row, so dropping
   it changes no ranking and avoids the cancellation of adding a large constant before comparing.
-* Ties resolve to the lowest code index.
+* Ties resolve to the lowest code index. Identical codes are tied exactly, but BLAS may round
+  their products differently depending on the column position (MKL's tail kernels do), so the
+  CPU paths map every chosen code to the lowest-index code with the same bits (lowest_duplicate).
 * A candidate is selectable only if its surrogate is finite. So a code with a NaN/inf entry is
   never chosen, and a row of x holding NaN/inf (every surrogate non-finite) gets index -1.
   Index -1 comes with sqdist NaN; in residual_quantize an index -1 contributes NaN to the partial
@@ -53,6 +55,49 @@ def masked_min(d_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return vals_N, idx_N
 
 
+def _hash_rows(codebook_KC: torch.Tensor, rows_per_chunk: int) -> torch.Tensor:
+    """int64 hash of each row's bit pattern (equal rows -> equal hash), O(chunk x C) memory."""
+    K, C = codebook_KC.shape
+    int_type = torch.int32 if codebook_KC.element_size() == 4 else torch.int16
+    # + 0.0 turns -0.0 into +0.0: the same point must hash the same.
+    bits = (codebook_KC + 0.0).view(int_type)
+    weights_C = torch.randint(1, 2**62, (C,), generator=torch.Generator().manual_seed(0x7E55E7A), dtype=torch.int64)
+    weights_C = weights_C.to(codebook_KC.device) | 1
+    out_K = torch.empty(K, dtype=torch.int64, device=codebook_KC.device)
+    for k0 in range(0, K, rows_per_chunk):
+        out_K[k0 : k0 + rows_per_chunk] = (bits[k0 : k0 + rows_per_chunk].to(torch.int64) * weights_C).sum(1)
+    return out_K
+
+
+def lowest_duplicate(codebook_KC: torch.Tensor, chunk_bytes: int = 4 << 20):
+    """canon_K mapping each code to the lowest index holding the same vector, or None if all
+    codes are distinct (the usual case, decided by one sort of K hashes)."""
+    K, C = codebook_KC.shape
+    if K < 2:
+        return None
+    hash_K = _hash_rows(codebook_KC, max(1, chunk_bytes // (8 * C)))
+    _, inverse_K, counts = torch.unique(hash_K, return_inverse=True, return_counts=True)
+    if int(counts.max()) == 1:
+        return None
+    arange_K = torch.arange(K, device=codebook_KC.device)
+    first = torch.full((counts.numel(),), K, dtype=torch.int64, device=codebook_KC.device)
+    first.scatter_reduce_(0, inverse_K, arange_K, reduce="amin")
+    canon_K = first[inverse_K]
+    moved = torch.nonzero(canon_K != arange_K).squeeze(1)
+    # A hash collision between different vectors is possible in principle: verify bit equality.
+    same = (codebook_KC[moved] == codebook_KC[canon_K[moved]]).all(1)
+    canon_K[moved[~same]] = moved[~same]
+    return canon_K
+
+
+def canonicalize_(idx_N: torch.Tensor, canon_K) -> torch.Tensor:
+    """In place: chosen codes -> lowest identical code (index -1 stays -1)."""
+    if canon_K is not None:
+        valid = idx_N >= 0
+        idx_N[valid] = canon_K[idx_N[valid]]
+    return idx_N
+
+
 def gather_codes(codebook_KC: torch.Tensor, idx_N: torch.Tensor) -> torch.Tensor:
     """fp32 embeddings of idx; rows with index -1 become NaN."""
     emb_NC = codebook_KC[idx_N.clamp_min(0)].float()
@@ -71,6 +116,7 @@ def nearest_code(x_NC, codebook_KC, codebook_sqnorm_K=None):
     d_NK = torch.empty(x_NC.shape[0], codebook_KC.shape[0], dtype=torch.float32, device=x_NC.device)
     surrogate_into(d_NK, x_NC, codebook_KC.float(), sqnorm_K)
     _, idx_N = masked_min(d_NK)
+    canonicalize_(idx_N, lowest_duplicate(codebook_KC))
     return idx_N, exact_sqdist(x_NC, codebook_KC, idx_N)
 
 

@@ -1,0 +1,358 @@
+"""kernels/: codebook search against a float64 brute force, on CPU (always) and CUDA (if present).
+
+Exactness rule: a returned index may differ from the float64 argmin only where the float64
+distance of the returned code is within a rounding tolerance of the float64 minimum (a near tie);
+the returned sqdist must match the float64 distance of the returned code.
+"""
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels import cpu, loader
+from kernels import reference as ref
+
+EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-23, torch.float16: 2.0**-23}
+CUDA = torch.cuda.is_available()
+
+
+def f64_sqdist(x_NC, codebook_KC):
+    """Exact-enough squared distances in float64 (error ~1e-16 relative, far under fp32's)."""
+    x, cb = x_NC.double(), codebook_KC.double()
+    return ((x * x).sum(1, keepdim=True) - 2 * x @ cb.t() + (cb * cb).sum(1)).clamp_min(0)
+
+
+def near_tie_tol(x_NC, codebook_KC, rel_eps):
+    """fp32 rounding bound of the surrogate: |x.e| and ||e||^2 are bounded by ||x||^2 + max ||e||^2."""
+    scale_N = x_NC.double().pow(2).sum(1) + codebook_KC.double().pow(2).sum(1).max()
+    return 32 * rel_eps * math.sqrt(x_NC.shape[1]) * scale_N + 1e-30
+
+
+def assert_exact(x_NC, codebook_KC, idx_N, sqdist_N, rel_eps=2.0**-23):
+    N = x_NC.shape[0]
+    assert idx_N.shape == (N,) and idx_N.dtype == torch.int64
+    assert sqdist_N.shape == (N,) and sqdist_N.dtype == torch.float32
+    if N == 0:
+        return
+    d64 = f64_sqdist(x_NC, codebook_KC)
+    best64 = d64.min(1).values
+    idx = idx_N.cpu()
+    assert bool((idx >= 0).all()) and bool((idx < codebook_KC.shape[0]).all())
+    chosen64 = d64.gather(1, idx.unsqueeze(1)).squeeze(1)
+    tol = near_tie_tol(x_NC, codebook_KC, rel_eps)
+    mismatch = idx != d64.argmin(1)
+    # Only near ties may differ, and those are rare on random data.
+    assert bool((chosen64 - best64 <= tol).all()), (chosen64 - best64 - tol).max()
+    assert int(mismatch.sum()) <= max(2, N // 50)
+    torch.testing.assert_close(sqdist_N.cpu().double(), chosen64, rtol=1e-5 * max(1, x_NC.shape[1] / 64), atol=tol.max().item())
+
+
+@pytest.fixture(params=["default", "tiny"])
+def chunking(request, monkeypatch):
+    """Run with the shipped chunk sizes and with tiny ones that force many N- and K-chunks."""
+    if request.param == "tiny":
+        monkeypatch.setattr(cpu, "CHUNK_BYTES", 4 * 96)
+        monkeypatch.setattr(cpu, "MAX_K_CHUNK", 37)
+    return request.param
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else hash(shape) % 2**31)
+    return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
+
+
+SHAPES = [(0, 5, 3), (1, 1, 1), (1, 7, 5), (37, 65, 33), (300, 1000, 17), (129, 130, 64), (64, 4097, 8), (20, 3, 1024)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K,C", SHAPES)
+def test_nearest_code_matches_float64(N, K, C, dtype, chunking):
+    x, cb = rand(N, C, dtype=dtype), rand(K, C, dtype=dtype, seed=K * 7 + C)
+    idx, sqdist = kernels.nearest_code(x, cb)
+    assert_exact(x, cb, idx, sqdist)
+
+
+def test_cpu_equals_reference_and_sqnorm_argument(chunking):
+    x, cb = rand(257, 40), rand(300, 40)
+    idx, sq = kernels.nearest_code(x, cb)
+    ridx, rsq = ref.nearest_code(x, cb)
+    assert torch.equal(idx, ridx)
+    torch.testing.assert_close(sq, rsq)
+    idx2, _ = kernels.nearest_code(x, cb, codebook_sqnorm_K=ref.codebook_sqnorm(cb))
+    assert torch.equal(idx2, idx)
+
+
+@pytest.mark.parametrize("K", [6, 40, 300])
+def test_duplicate_codes_resolve_to_lowest_index(K, chunking):
+    base = rand(K // 2, 9, seed=K)
+    cb = torch.cat([base, base])  # code k and k + K/2 are identical
+    x = torch.cat([base, rand(50, 9, seed=1)])  # exact hits (distance 0) and random rows
+    idx, sqdist = kernels.nearest_code(x, cb)
+    # Elementwise float64 (not a matmul): identical codes get bitwise identical distances.
+    d64 = (x.double()[:, None] - cb.double()[None]).pow(2).sum(-1)
+    lowest = torch.stack([torch.nonzero(row == row.min())[0, 0] for row in d64])
+    assert torch.equal(idx, lowest)
+    assert bool((idx < K // 2).all())
+    assert torch.equal(sqdist[: K // 2], torch.zeros(K // 2))
+
+
+def test_nonfinite_rules_agree_between_reference_and_cpu(chunking):
+    x, cb = rand(8, 5), rand(50, 5)
+    x[1, 2] = float("nan")
+    x[2, 0] = float("inf")
+    cb[3] = x[4]  # row 4 would pick code 3 ...
+    cb[3, 1] = float("nan")  # ... but a code with NaN is never selectable
+    cb[7, 4] = float("-inf")
+    for fn in (kernels.nearest_code, ref.nearest_code):
+        idx, sqdist = fn(x, cb)
+        assert idx[1] == -1 and idx[2] == -1
+        assert torch.isnan(sqdist[1]) and torch.isnan(sqdist[2])
+        assert not bool(((idx == 3) | (idx == 7)).any())
+        clean = torch.tensor([0, 3, 4, 5, 6, 7])
+        assert_exact(x[clean], cb[[k for k in range(50) if k not in (3, 7)]], *_remap(idx[clean], sqdist[clean]))
+    all_bad = torch.full((4, 5), float("nan"))
+    idx, sqdist = kernels.nearest_code(x, all_bad)
+    assert bool((idx == -1).all()) and bool(torch.isnan(sqdist).all())
+
+
+def _remap(idx, sqdist):
+    # Index into the codebook with codes 3 and 7 removed.
+    return idx - (idx > 3).long() - (idx > 7).long(), sqdist
+
+
+def test_noncontiguous_and_mixed_dtype_inputs():
+    x_full, cb_full = rand(64, 40), rand(30, 40)
+    x, cb = x_full[:, ::2], cb_full[:, 1::2]  # strided views
+    idx, sq = kernels.nearest_code(x, cb)
+    idx_c, sq_c = kernels.nearest_code(x.contiguous(), cb.contiguous())
+    assert torch.equal(idx, idx_c) and torch.equal(sq, sq_c)
+    # bf16 x with an fp32 codebook is promoted to fp32, never rounded down.
+    xb = x.contiguous().bfloat16()
+    idx_m, _ = kernels.nearest_code(xb, cb)
+    assert torch.equal(idx_m, kernels.nearest_code(xb.float(), cb.contiguous())[0])
+
+
+def test_large_n_memory_is_bounded_by_the_chunk(monkeypatch):
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(cpu, "MAX_K_CHUNK", 1000)
+    seen = []
+    real = ref.surrogate_into
+
+    def spy(out, *args):
+        seen.append(out.numel())
+        return real(out, *args)
+
+    monkeypatch.setattr(ref, "surrogate_into", spy)
+    x, cb = rand(50_000, 4), rand(2500, 4)
+    idx, _ = kernels.nearest_code(x, cb)
+    assert max(seen) * 4 <= 64 << 10 and len(seen) > 100
+    # The workspace depends on K and the budget only, never on N.
+    assert cpu.chunk_shape(10**9, 65536) == cpu.chunk_shape(10**4, 65536) == (16, 1000)
+    sample = torch.arange(0, 50_000, 997)
+    assert_exact(x[sample], cb, idx[sample], kernels.nearest_code(x[sample], cb)[1])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_quantize_equals_sequential_searches(shared, dtype, chunking):
+    N, K, C, D = 70, 45, 13, 4
+    x = rand(N, C, dtype=dtype)
+    cb = rand(K, C, dtype=dtype, seed=3) if shared else rand(D, K, C, dtype=dtype, seed=4)
+    codes, partial = kernels.residual_quantize(x, cb, D)
+    assert codes.shape == (N, D) and partial.shape == (N, D, C) and partial.dtype == torch.float32
+    ps = torch.zeros(N, C)
+    for d in range(D):
+        cb_d = cb if shared else cb[d]
+        residual = x.float() - ps
+        idx, sqdist = kernels.nearest_code(residual, cb_d.float())
+        assert torch.equal(codes[:, d], idx)
+        assert_exact(residual, cb_d.float(), idx, sqdist)
+        ps = ps + cb_d.float()[idx] if d else cb_d.float()[idx]
+        assert torch.equal(partial[:, d], ps)
+    emb = torch.stack([(cb if shared else cb[d]).float()[codes[:, d]] for d in range(D)], 1)
+    torch.testing.assert_close(partial, emb.cumsum(1), rtol=1e-6, atol=1e-6)
+    rcodes, rpartial = ref.residual_quantize(x.contiguous(), cb.contiguous(), D)
+    assert torch.equal(codes, rcodes) and torch.equal(partial, rpartial)
+
+
+def test_residual_quantize_nan_row_stays_invalid():
+    x, cb = rand(5, 6), rand(20, 6)
+    x[2, 3] = float("nan")
+    codes, partial = kernels.residual_quantize(x, cb, 3)
+    assert bool((codes[2] == -1).all()) and bool(torch.isnan(partial[2]).all())
+    assert bool((codes[[0, 1, 3, 4]] >= 0).all())
+
+
+def test_soft_codes_softmax_of_distances(chunking):
+    r, cb = rand(90, 12), rand(33, 12)
+    probs, sampled = kernels.soft_codes(r, cb, 2.0)
+    assert sampled is None and probs.shape == (90, 33) and probs.dtype == torch.float32
+    expect = torch.softmax(-f64_sqdist(r, cb) / 2.0, dim=1)
+    torch.testing.assert_close(probs.double(), expect, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(probs.sum(1), torch.ones(90))
+
+
+def test_soft_codes_small_tau_is_argmin():
+    r, cb = rand(200, 16), rand(500, 16)
+    probs, sampled = kernels.soft_codes(r, cb, 1e-30, sample=True, generator=torch.Generator().manual_seed(0))
+    idx, _ = kernels.nearest_code(r, cb)
+    assert torch.equal(probs.argmax(1), idx) and torch.equal(sampled, idx)
+    assert torch.equal(probs.max(1).values, torch.ones(200))
+
+
+def test_soft_codes_sampling_frequencies_match_probs(chunking):
+    n, K = 40_000, 6
+    cb = rand(K, 3, seed=11)
+    r = rand(1, 3, seed=12).expand(n, 3)  # one distribution, n independent draws
+    probs, sampled = kernels.soft_codes(r, cb, 1.5, sample=True, generator=torch.Generator().manual_seed(5))
+    p = probs[0].double()
+    assert torch.allclose(probs, probs[:1].expand_as(probs))
+    counts = torch.bincount(sampled, minlength=K).double()
+    # Per-bin binomial bound at 7 sigma: false-failure probability < 1e-10 per bin.
+    sigma = (n * p * (1 - p)).sqrt()
+    assert bool(((counts - n * p).abs() <= 7 * sigma + 1).all()), (counts, n * p)
+
+
+def test_soft_codes_sampling_is_seeded_and_skips_invalid():
+    r, cb = rand(300, 4), rand(10, 4)
+    cb[2] = float("nan")
+    r[7] = float("inf")
+    a = kernels.soft_codes(r, cb, 0.7, sample=True, generator=torch.Generator().manual_seed(9))
+    b = kernels.soft_codes(r, cb, 0.7, sample=True, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(a[1], b[1])
+    assert bool((a[0][:, 2][torch.arange(300) != 7] == 0).all()) and not bool((a[1] == 2).any())
+    assert a[1][7] == -1 and bool(torch.isnan(a[0][7]).all())
+    ra = ref.soft_codes(r, cb, 0.7, sample=True, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(a[1], ra[1])
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: kernels.nearest_code(torch.zeros(3), torch.zeros(4, 3)), "2-D"),
+        (lambda: kernels.nearest_code(torch.zeros(2, 3), torch.zeros(4, 5)), "C=3"),
+        (lambda: kernels.nearest_code(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(4, 3)), "dtype"),
+        (lambda: kernels.nearest_code(torch.zeros(2, 3), torch.zeros(4, 3, device="meta")), "device|meta"),
+        (lambda: kernels.nearest_code(torch.zeros(2, 3), torch.zeros(0, 3)), "at least one code"),
+        (lambda: kernels.nearest_code(torch.zeros(2, 3), torch.zeros(4, 3), codebook_sqnorm_K=torch.zeros(5)), "sqnorm"),
+        (lambda: kernels.residual_quantize(torch.zeros(2, 3), torch.zeros(4, 3), 0), "depth"),
+        (lambda: kernels.residual_quantize(torch.zeros(2, 3), torch.zeros(2, 4, 3), 3), "depth"),
+        (lambda: kernels.soft_codes(torch.zeros(2, 3), torch.zeros(4, 3), 0.0), "tau"),
+        (lambda: kernels.soft_codes(torch.zeros(2, 3), torch.zeros(4, 3), float("nan")), "tau"),
+        (lambda: kernels.soft_codes(torch.zeros(2, 3), torch.zeros(4, 3), 1.0, sample=True, generator=3), "generator"),
+    ],
+)
+def test_bad_inputs_raise_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_env_forces_reference(monkeypatch):
+    monkeypatch.setenv("TESSERA_KERNELS", "reference")
+
+    def boom(*args, **kwargs):
+        raise AssertionError("chunked CPU path used despite TESSERA_KERNELS=reference")
+
+    for name in ("nearest_code", "residual_quantize", "soft_codes"):
+        monkeypatch.setattr(cpu, name, boom)
+    assert kernels.backend_name(torch.device("cpu")) == "reference"
+    assert kernels.backend_name(torch.device("cuda", 0)) == "reference"
+    x, cb = rand(10, 4), rand(6, 4)
+    assert_exact(x, cb, *kernels.nearest_code(x, cb))
+    kernels.residual_quantize(x, cb, 2)
+    kernels.soft_codes(x, cb, 1.0)
+    monkeypatch.setenv("TESSERA_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="TESSERA_KERNELS"):
+        kernels.nearest_code(x, cb)
+
+
+def test_failed_build_raises_with_log_path(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    def failing_load(**kwargs):
+        raise RuntimeError("Error building extension: nvcc fatal : fake failure")
+
+    monkeypatch.setattr(cpp_extension, "load", failing_load)
+    monkeypatch.setenv("TESSERA_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.setattr(loader, "AOT_MODULE", "kernels._no_such_module")
+    loader.reset()
+    try:
+        for _ in range(2):  # the failure is remembered, not retried
+            with pytest.raises(kernels.KernelBuildError, match=str(tmp_path / "build.log")) as info:
+                loader.get_cuda_extension()
+            assert "fake failure" in info.value.log_path.read_text()
+        x, cb = rand(4, 3), rand(5, 3)
+        assert_exact(x, cb, *kernels.nearest_code(x, cb))  # CPU path unaffected
+    finally:
+        loader.reset()
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: the same checks on the extension (skipped without a GPU).
+gpu = pytest.mark.skipif(not CUDA, reason="no CUDA device")
+# bf16/fp16 inputs are exact in the products; only an fp32 residual split into hi + lo halves
+# loses bits (~2^-16), which bounds the near-tie tolerance of residual_quantize below.
+SPLIT_EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-16, torch.float16: 2.0**-20}
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K,C", SHAPES + [(4096, 1024, 256), (1000, 16384, 64)])
+def test_cuda_nearest_code_matches_float64(N, K, C, dtype):
+    x, cb = rand(N, C, dtype=dtype), rand(K, C, dtype=dtype, seed=K + C)
+    idx, sqdist = kernels.nearest_code(x.cuda(), cb.cuda())
+    assert idx.is_cuda and sqdist.is_cuda
+    assert_exact(x, cb, idx.cpu(), sqdist.cpu())
+
+
+@gpu
+def test_cuda_ties_and_nonfinite_agree_with_cpu():
+    base = rand(40, 9, seed=2)
+    cb = torch.cat([base, base])
+    x = torch.cat([base, rand(30, 9, seed=3)])
+    x[41, 1] = float("nan")
+    cb[5, 2] = float("inf")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        xc, cbc = x.to(dtype), cb.to(dtype)
+        gi, gs = kernels.nearest_code(xc.cuda(), cbc.cuda())
+        ci, cs = kernels.nearest_code(xc, cbc)
+        assert torch.equal(gi.cpu(), ci)
+        torch.testing.assert_close(gs.cpu(), cs, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("C", [7, 256, 1024])
+def test_cuda_residual_quantize_is_greedy_optimal(dtype, shared, C):
+    N, K, D = 777, 300, 4
+    x = rand(N, C, dtype=dtype)
+    cb = rand(K, C, dtype=dtype, seed=5) if shared else rand(D, K, C, dtype=dtype, seed=6)
+    codes, partial = kernels.residual_quantize(x.cuda(), cb.cuda(), D)
+    codes, partial = codes.cpu(), partial.cpu()
+    ps = torch.zeros(N, C)
+    for d in range(D):  # each depth must be a (near-)optimal choice for the residual it saw
+        cb_d = (cb if shared else cb[d]).float()
+        residual = x.float() - ps
+        chosen = f64_sqdist(residual, cb_d).gather(1, codes[:, d : d + 1]).squeeze(1)
+        slack = chosen - f64_sqdist(residual, cb_d).min(1).values
+        assert bool((slack <= near_tie_tol(residual, cb_d, SPLIT_EPS[dtype])).all())
+        ps = ps + cb_d[codes[:, d]]
+        torch.testing.assert_close(partial[:, d], ps, rtol=1e-6, atol=1e-5)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_soft_codes(dtype):
+    r, cb = rand(1000, 64, dtype=dtype), rand(700, 64, dtype=dtype)
+    probs, sampled = kernels.soft_codes(r.cuda(), cb.cuda(), 3.0, sample=True, generator=torch.Generator("cuda").manual_seed(1))
+    expect = torch.softmax(-f64_sqdist(r, cb) / 3.0, dim=1)
+    torch.testing.assert_close(probs.cpu().double(), expect, rtol=1e-3, atol=1e-6)
+    assert sampled.shape == (1000,) and bool((sampled >= 0).all())
+    n, K = 200_000, 5
+    cbs, rs = rand(K, 3, seed=21).cuda(), rand(1, 3, seed=22).cuda().expand(n, 3)
+    probs, sampled = kernels.soft_codes(rs, cbs, 1.0, sample=True, generator=torch.Generator("cuda").manual_seed(2))
+    p = probs[0].double().cpu()
+    counts = torch.bincount(sampled.cpu(), minlength=K).double()
+    assert bool(((counts - n * p).abs() <= 7 * (n * p * (1 - p)).sqrt() + 1).all())
