@@ -1,0 +1,1 @@
+"""Trainers: each owns its step, its state (for exact resume) and its checkpoints."""

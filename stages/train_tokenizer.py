@@ -1,0 +1,55 @@
+"""Stage 2: train the tokenizer (VQ / RQ-VAE / DQ-VAE) on the shards and export it.
+
+Reads RUN_DIR/shard/manifest.json; writes RUN_DIR/train_tokenizer/{tokenizer.safetensors,
+tokenizer.json, checkpoints/}. Resumes from the newest valid checkpoint.
+"""
+from __future__ import annotations
+
+from pipeline.artifacts import TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, save_tokenizer
+from pipeline.dist import barrier
+from pipeline.engine import PreemptionGuard
+from pipeline.io import sha256_file
+from pipeline.logs import tensorboard_writer
+from pipeline.rundir import RunDir
+from pipeline.stage import StageError, StageResult
+from pipeline.train.tokenizer_trainer import LoaderFactory, TokenizerTrainer
+
+NAME = "train_tokenizer"
+SECTIONS = ("data", "tokenizer", "tokenizer_train")
+
+
+def _manifest(ctx):
+    run = RunDir(ctx.run_dir)
+    if run.read_done("shard") is None:
+        raise StageError(f"train_tokenizer needs the shard stage first: run `tessera stage shard ... "
+                         f"--run-dir {ctx.run_dir}` (no {run.done_path('shard')})")
+    return run.stage_dir("shard") / "manifest.json"
+
+
+def input_fingerprints(ctx) -> dict:
+    return {"shard/manifest.json": sha256_file(_manifest(ctx))}
+
+
+def run(ctx) -> StageResult:
+    cfg = ctx.cfg
+    loaders = LoaderFactory(manifest=_manifest(ctx), env=ctx.env, seed=cfg.seed, num_workers=cfg.data.num_workers,
+                            random_crop=cfg.data.random_crop, hflip=cfg.data.hflip)
+    writer = tensorboard_writer(ctx.run_dir, NAME)
+    # The guard is up before the (slow) model build, so an early SLURM signal is not fatal.
+    try:
+        with PreemptionGuard() as guard:
+            trainer = TokenizerTrainer(cfg, ctx.env, ctx.device, ctx.stage_dir, loaders, ctx.logger, writer)
+            metrics = trainer.fit(guard)
+    finally:
+        if writer is not None:
+            writer.close()
+    if ctx.env.is_main:
+        save_tokenizer(trainer.model, cfg.tokenizer, cfg.data.resolution, ctx.stage_dir)
+    barrier()
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    return StageResult(
+        counts={"steps": trainer.step, "images_seen": trainer.step * cfg.tokenizer_train.batch_size,
+                "parameters": n_params},
+        metrics=metrics,
+        outputs={name: sha256_file(ctx.stage_dir / name) for name in (TOKENIZER_WEIGHTS, TOKENIZER_CONFIG)},
+    )
