@@ -24,6 +24,8 @@ class DataConfig:
     shard_max_count: int = option(1000, "max images per shard", ge=1)
     shard_max_bytes: int = option(256 << 20, "max bytes per shard (whichever limit is hit first)", ge=1024)
     image_encoding: str = option("png", "how images are stored inside shards", choices=("png", "jpeg"))
+    shard_decode_processes: int = option(0, "shard: processes decoding/encoding images per worker (0: the CPU cores "
+                                         "available, divided among the ranks of the node)", ge=0, le=256)
     max_reject_fraction: float = option(0.01, "fail the shard stage if more than this fraction of inputs is unreadable",
                                         ge=0.0, le=1.0)
     random_crop: bool = option(False, "reader: random crop (pad 1/8 then crop) instead of the stored center crop")

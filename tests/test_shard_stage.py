@@ -86,7 +86,8 @@ KILLED_WRITER = textwrap.dedent("""
 
 @pytest.mark.parametrize("fmt", ["webdataset", "mds"])
 def test_killed_mid_shard_then_rerun_gives_identical_bytes(reference, tmp_path, fmt):
-    overrides = [*SMALL, f"data.format={fmt}"]
+    # One decode process: the injected kill must hit the writing process itself, not a pool child.
+    overrides = [*SMALL, f"data.format={fmt}", "data.shard_decode_processes=1"]
     proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(REPO), str(tmp_path), "40", *overrides],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
@@ -98,7 +99,7 @@ def test_killed_mid_shard_then_rerun_gives_identical_bytes(reference, tmp_path, 
     assert any(p.name.startswith(".train-000002") for p in (stage_dir / "train").iterdir())
     assert not (stage_dir / "manifest.json").exists()
 
-    outcome = run_stage("shard", small_cfg(f"data.format={fmt}"), tmp_path)
+    outcome = run_stage("shard", small_cfg(f"data.format={fmt}", "data.shard_decode_processes=1"), tmp_path)
     assert outcome.status == "done" and outcome.record["metrics"]["images_written_this_run"] == 110 - 32
     assert (stage_dir / "manifest.json").read_bytes() == (reference[fmt] / "manifest.json").read_bytes()
     assert shard_hashes(stage_dir) == shard_hashes(reference[fmt])

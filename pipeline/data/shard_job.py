@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +20,12 @@ from tqdm import tqdm
 from ..io import atomic_write_text, sha256_json
 from ..stage import StageError
 from . import manifest as manifest_lib
-from .shards import (ShardSpec, assigned_shards, plan_shards, read_sidecar, samples_per_shard, verified_sidecar,
-                     write_unit)
+from . import shards as shards_lib
+from .shards import ShardSpec, assigned_shards, plan_shards, read_sidecar, samples_per_shard, verified_sidecar
 from .sources import make_source
 
-_LOAD_CHUNK = 64  # images decoded/rendered at a time inside a shard (bounds memory, keeps numpy batched)
+_LOAD_CHUNK = 32  # images decoded/rendered per task (bounds memory, keeps numpy batched)
+_POOL_SOURCE = None  # the source, inherited by forked decode processes instead of pickled per task
 # Config fields that change the shard bytes; the reader-only ones (hflip, num_workers...) do not.
 _SHARD_FIELDS = ("source", "root", "resolution", "num_classes", "num_train", "num_val", "val_fraction", "format",
                  "image_encoding")
@@ -37,6 +40,7 @@ class ShardJob:
     fmt: str
     encoding: str
     resolution: int
+    decode_processes: int = 1
 
     @classmethod
     def create(cls, data_cfg, seed: int, stage_dir: str | Path) -> "ShardJob":
@@ -45,7 +49,8 @@ class ShardJob:
         plan_id = sha256_json({"seed": seed, "per_shard": per_shard, "inputs": source.fingerprint(),
                                **{name: getattr(data_cfg, name) for name in _SHARD_FIELDS}})
         return cls(source, plan_shards(source.split_sizes, per_shard, data_cfg.format), plan_id, Path(stage_dir),
-                   data_cfg.format, data_cfg.image_encoding, data_cfg.resolution)
+                   data_cfg.format, data_cfg.image_encoding, data_cfg.resolution,
+                   data_cfg.shard_decode_processes or default_decode_processes())
 
     def write_worker_shards(self, worker: int, num_workers: int, logger: logging.Logger | None = None,
                             progress_position: int = 0) -> dict:
@@ -58,23 +63,32 @@ class ShardJob:
         images_total = sum(spec.stop - spec.start for spec in todo)
         start = time.perf_counter()
         done = 0
-        with tqdm(total=images_total, unit="img", desc=f"shard worker {worker}", position=progress_position,
-                  dynamic_ncols=True, mininterval=2.0, disable=None) as bar:
-            for spec in todo:
-                sidecar = write_unit(self.stage_dir, spec, self._images(spec, bar), fmt=self.fmt,
-                                     encoding=self.encoding, plan_id=self.plan_id)
-                done += spec.stop - spec.start
-                logger.info("wrote %s: %d images, %d rejected (%.0f images/s)", spec.name, sidecar["count"],
-                            len(sidecar["rejected"]), done / max(time.perf_counter() - start, 1e-9))
+        global _POOL_SOURCE
+        _POOL_SOURCE = self.source
+        pool = None
+        if self.decode_processes > 1 and todo:
+            # fork: children inherit the source (an ImageNet file list is large to pickle).
+            pool = multiprocessing.get_context("fork").Pool(self.decode_processes)
+        try:
+            with tqdm(total=images_total, unit="img", desc=f"shard worker {worker}", position=progress_position,
+                      dynamic_ncols=True, mininterval=2.0, disable=None) as bar:
+                for spec in todo:
+                    chunks = [(spec.split, lo, min(spec.stop, lo + _LOAD_CHUNK), self.encoding)
+                              for lo in range(spec.start, spec.stop, _LOAD_CHUNK)]
+                    # imap keeps chunk order, so the shard bytes do not depend on the process count.
+                    results = pool.imap(_encode_chunk, chunks) if pool else map(_encode_chunk, chunks)
+                    sidecar = shards_lib.write_unit(self.stage_dir, spec, _counted(results, bar), fmt=self.fmt,
+                                                    encoding=self.encoding, plan_id=self.plan_id)
+                    done += spec.stop - spec.start
+                    logger.info("wrote %s: %d images, %d rejected (%.0f images/s)", spec.name, sidecar["count"],
+                                len(sidecar["rejected"]), done / max(time.perf_counter() - start, 1e-9))
+        finally:
+            if pool is not None:
+                pool.terminate()
+            _POOL_SOURCE = None
         seconds = time.perf_counter() - start
         return {"written": len(todo), "kept": len(mine) - len(todo), "images": images_total,
                 "images_per_s": images_total / seconds if seconds > 0 else 0.0}
-
-    def _images(self, spec: ShardSpec, bar):
-        for chunk_start in range(spec.start, spec.stop, _LOAD_CHUNK):
-            chunk = self.source.load(spec.split, chunk_start, min(spec.stop, chunk_start + _LOAD_CHUNK))
-            yield from chunk
-            bar.update(len(chunk))
 
     def collect_sidecars(self) -> list[dict] | None:
         """Every shard's sidecar in plan order, or None while any shard is still missing."""
@@ -123,3 +137,20 @@ class ShardJob:
 
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def default_decode_processes() -> int:
+    """The CPU cores this process may use, shared among the ranks on this node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _encode_chunk(task) -> list:
+    split, start, stop, encoding = task
+    return [shards_lib.encode_loaded(img, encoding) for img in _POOL_SOURCE.load(split, start, stop)]
+
+
+def _counted(chunk_results, bar):
+    for chunk in chunk_results:
+        yield from chunk
+        bar.update(len(chunk))

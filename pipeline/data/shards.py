@@ -11,6 +11,7 @@ file (removed on the next run) or a unit without a sidecar (rewritten on the nex
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -100,24 +101,31 @@ def verified_sidecar(stage_dir: Path, spec: ShardSpec, plan_id: str) -> dict | N
     return sidecar if sha == sidecar.get("sha256") else None
 
 
-def write_unit(stage_dir: Path, spec: ShardSpec, images: Iterable[LoadedImage], *, fmt: str, encoding: str,
-               plan_id: str) -> dict:
-    """Write one shard unit from its images, streaming (rejects skipped), then its sidecar."""
+def encode_loaded(img: LoadedImage, encoding: str) -> tuple[LoadedImage, bytes | None]:
+    """(image without its pixels, encoded bytes), or (image, None) when it was rejected."""
+    if img.pixels is None:
+        return img, None
+    return dataclasses.replace(img, pixels=None), encode_image(img.pixels, encoding)
+
+
+def write_unit(stage_dir: Path, spec: ShardSpec, encoded: Iterable[tuple[LoadedImage, bytes | None]], *, fmt: str,
+               encoding: str, plan_id: str) -> dict:
+    """Write one shard unit from its encoded images in order (rejects skipped), then its sidecar."""
     unit = stage_dir / spec.name
     unit.parent.mkdir(parents=True, exist_ok=True)
     (stage_dir / spec.sidecar_name).unlink(missing_ok=True)
     remove_unit_temps(unit)
     rejected: list[dict] = []
 
-    def encoded():
-        for img in images:
-            if img.pixels is None:
+    def accepted():
+        for img, data in encoded:
+            if data is None:
                 rejected.append({"path": img.origin, "reason": img.reason})
             else:
-                yield img, encode_image(img.pixels, encoding)
+                yield img, data
 
     writer = _write_tar if fmt == "webdataset" else _write_mds
-    count = writer(unit, encoded(), IMAGE_EXTENSION[encoding])
+    count = writer(unit, accepted(), IMAGE_EXTENSION[encoding])
     sha, size = unit_digest(unit)
     sidecar = {"name": spec.name, "split": spec.split, "index": spec.index, "start": spec.start, "stop": spec.stop,
                "count": count, "sha256": sha, "bytes": size, "plan": plan_id, "rejected": rejected}
