@@ -51,6 +51,14 @@ def test_seeded_val_fraction_without_val_folder(tmp_path):
     assert source.fingerprint() != ImageFolderSource(tmp_path, 16, seed=1, val_fraction=0.2).fingerprint()
 
 
+def test_train_folder_without_val_folder_is_split_by_fraction(tmp_path):
+    for i in range(10):
+        _save(tmp_path / "train" / "only" / f"{i}.png")
+    source = ImageFolderSource(tmp_path, 16, seed=0, val_fraction=0.3)
+    assert source.class_names == ["only"] and source.split_sizes == {"train": 7, "val": 3}
+    assert source.load("val", 0, 1)[0].origin.startswith("train/only/")
+
+
 def test_truncated_and_fake_images_are_rejected_with_a_reason(tmp_path):
     good = tmp_path / "good.jpg"
     _save(good, size=(64, 64), fmt="JPEG")

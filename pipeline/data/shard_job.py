@@ -58,6 +58,9 @@ class ShardJob:
         logger = logger or logging.getLogger(__name__)
         mine = assigned_shards(self.plan, worker, num_workers)
         todo = [spec for spec in mine if verified_sidecar(self.stage_dir, spec, self.plan_id) is None]
+        for spec in mine:
+            if spec not in todo:
+                shards_lib.remove_unit_temps(self.stage_dir / spec.name)  # debris of an attempt that was killed late
         if len(todo) < len(mine):
             logger.info("worker %d: keeping %d verified shard(s) from an earlier attempt", worker, len(mine) - len(todo))
         images_total = sum(spec.stop - spec.start for spec in todo)

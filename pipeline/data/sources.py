@@ -118,9 +118,10 @@ class ImageFolderSource:
             if unknown:
                 raise ConfigError(f"data.root: {self.root / 'val'} has class folders missing from train/: {unknown[:5]}")
             files = {split: _scan(self.root, Path(split), self.class_names) for split in SPLITS}
-        else:
-            self.class_names = _class_folders(self.root)
-            files = _seeded_split(_scan(self.root, Path("."), self.class_names), seed, val_fraction)
+        else:  # one tree (root/ or root/train/ alone): hold out a seeded val fraction
+            tree = Path("train") if (self.root / "train").is_dir() else Path(".")
+            self.class_names = _class_folders(self.root / tree)
+            files = _seeded_split(_scan(self.root, tree, self.class_names), seed, val_fraction)
         if not any(files.values()):
             raise ConfigError(f"data.root: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {self.root}")
         self._all_files = sorted(f for split_files in files.values() for f in split_files)
