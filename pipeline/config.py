@@ -20,6 +20,11 @@ from .sections import (DataConfig, LauncherConfig, PrecomputeConfig, PriorConfig
                        TrainConfig)
 
 
+# Keys that change how a stage runs, never what it produces: excluded from every stage's hash,
+# so e.g. more DataLoader workers on a rerun is not "a different config".
+RUNTIME_KEYS = ("data.num_workers", "data.shard_decode_processes")
+
+
 @dataclass
 class Config:
     name: str = option("run", "run name (default run directory: runs/<name>); defaults to the YAML file's stem")
@@ -41,10 +46,16 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def section_hash(self, sections: Iterable[str]) -> str:
-        """Fingerprint of the config parts a stage depends on (plus the seed)."""
+    def section_hash(self, sections: Iterable[str], ignore: Iterable[str] = ()) -> str:
+        """Fingerprint of the config sections a stage depends on (plus the seed), without the
+        runtime-only keys and the dotted keys in `ignore` (which do not affect its outputs)."""
         d = self.to_dict()
-        return sha256_json({"seed": self.seed, **{name: d[name] for name in sections}})
+        picked = {name: dict(d[name]) for name in sections}
+        for key in (*RUNTIME_KEYS, *ignore):
+            section, _, field = key.partition(".")
+            if section in picked:
+                picked[section].pop(field, None)
+        return sha256_json({"seed": self.seed, **picked})
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

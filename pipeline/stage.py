@@ -1,6 +1,7 @@
 """Running one stage: the shared shape every stage has.
 
-A stage module in `stages/` declares `NAME`, `SECTIONS` (config sections it depends on),
+A stage module in `stages/` declares `NAME`, `SECTIONS` (config sections it depends on; optional
+`IGNORED_KEYS`: dotted keys in them that do not affect its outputs),
 `input_fingerprints(ctx)` (hashes of what it reads from earlier stages) and `run(ctx)`. The
 runner here does everything around it, identically for every stage:
 
@@ -99,7 +100,8 @@ def git_commit() -> str:
 
 
 def _fingerprint(module, ctx: StageContext) -> dict:
-    return {"config_hash": ctx.cfg.section_hash(module.SECTIONS), "inputs": module.input_fingerprints(ctx)}
+    config_hash = ctx.cfg.section_hash(module.SECTIONS, ignore=getattr(module, "IGNORED_KEYS", ()))
+    return {"config_hash": config_hash, "inputs": module.input_fingerprints(ctx)}
 
 
 def _changed_parts(old: dict, new: dict) -> list[str]:

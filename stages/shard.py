@@ -14,6 +14,7 @@ from pipeline.stage import StageContext, StageResult
 
 NAME = "shard"
 SECTIONS = ("data",)
+IGNORED_KEYS = ("data.random_crop", "data.hflip")  # reader-side augmentation: shards are the same
 
 
 def input_fingerprints(ctx: StageContext) -> dict[str, str]:

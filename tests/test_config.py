@@ -84,3 +84,10 @@ def test_yaml_round_trip(tmp_path, repo_root):
     saved.write_text(cfg.to_yaml())
     again = load_config(saved)
     assert again.to_dict() == {**cfg.to_dict()} and isinstance(again, Config)
+
+
+def test_runtime_and_ignored_keys_do_not_change_the_hash(repo_root):
+    a = load_config(repo_root / DEMO)
+    b = load_config(repo_root / DEMO, ["data.num_workers=4", "data.hflip=true"])
+    assert a.section_hash(["data"]) != b.section_hash(["data"])  # hflip matters by default
+    assert a.section_hash(["data"], ignore=["data.hflip"]) == b.section_hash(["data"], ignore=["data.hflip"])
