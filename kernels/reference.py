@@ -55,38 +55,46 @@ def masked_min(d_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return vals_N, idx_N
 
 
-def _hash_rows(codebook_KC: torch.Tensor, rows_per_chunk: int) -> torch.Tensor:
+def _hash_rows(rows_RC: torch.Tensor, rows_per_chunk: int) -> torch.Tensor:
     """int64 hash of each row's bit pattern (equal rows -> equal hash), O(chunk x C) memory."""
-    K, C = codebook_KC.shape
-    int_type = torch.int32 if codebook_KC.element_size() == 4 else torch.int16
+    R, C = rows_RC.shape
+    int_type = torch.int32 if rows_RC.element_size() == 4 else torch.int16
     # + 0.0 turns -0.0 into +0.0: the same point must hash the same.
-    bits = (codebook_KC + 0.0).view(int_type)
+    bits = (rows_RC + 0.0).view(int_type)
     weights_C = torch.randint(1, 2**62, (C,), generator=torch.Generator().manual_seed(0x7E55E7A), dtype=torch.int64)
-    weights_C = weights_C.to(codebook_KC.device) | 1
-    out_K = torch.empty(K, dtype=torch.int64, device=codebook_KC.device)
-    for k0 in range(0, K, rows_per_chunk):
-        out_K[k0 : k0 + rows_per_chunk] = (bits[k0 : k0 + rows_per_chunk].to(torch.int64) * weights_C).sum(1)
-    return out_K
+    weights_C = weights_C.to(rows_RC.device) | 1
+    out_R = torch.empty(R, dtype=torch.int64, device=rows_RC.device)
+    for r0 in range(0, R, rows_per_chunk):
+        out_R[r0 : r0 + rows_per_chunk] = (bits[r0 : r0 + rows_per_chunk].to(torch.int64) * weights_C).sum(1)
+    return out_R
 
 
-def lowest_duplicate(codebook_KC: torch.Tensor, chunk_bytes: int = 4 << 20):
+def lowest_duplicate(codebook_KC: torch.Tensor, chunk_bytes: int = 16 << 20):
     """canon_K mapping each code to the lowest index holding the same vector, or None if all
-    codes are distinct (the usual case, decided by one sort of K hashes)."""
+    codes are distinct.
+
+    Identical rows get bitwise identical ||e||^2 (one reduction algorithm per row), so only codes
+    sharing their ||e||^2 with another code can be duplicates: for a generic codebook this is one
+    sort of K floats. Candidates are then grouped by a hash of their bits and verified exactly.
+    """
     K, C = codebook_KC.shape
     if K < 2:
         return None
-    hash_K = _hash_rows(codebook_KC, max(1, chunk_bytes // (8 * C)))
-    _, inverse_K, counts = torch.unique(hash_K, return_inverse=True, return_counts=True)
+    _, sq_inverse, sq_counts = torch.unique(codebook_sqnorm(codebook_KC), return_inverse=True, return_counts=True)
+    cand_R = torch.nonzero(sq_counts[sq_inverse] > 1).squeeze(1)
+    if cand_R.numel() == 0:
+        return None
+    hash_R = _hash_rows(codebook_KC[cand_R], max(1, chunk_bytes // (8 * C)))
+    _, inverse_R, counts = torch.unique(hash_R, return_inverse=True, return_counts=True)
     if int(counts.max()) == 1:
         return None
-    arange_K = torch.arange(K, device=codebook_KC.device)
     first = torch.full((counts.numel(),), K, dtype=torch.int64, device=codebook_KC.device)
-    first.scatter_reduce_(0, inverse_K, arange_K, reduce="amin")
-    canon_K = first[inverse_K]
-    moved = torch.nonzero(canon_K != arange_K).squeeze(1)
+    first.scatter_reduce_(0, inverse_R, cand_R, reduce="amin")
+    target_R = first[inverse_R]
     # A hash collision between different vectors is possible in principle: verify bit equality.
-    same = (codebook_KC[moved] == codebook_KC[canon_K[moved]]).all(1)
-    canon_K[moved[~same]] = moved[~same]
+    same_R = (codebook_KC[cand_R] == codebook_KC[target_R]).all(1)
+    canon_K = torch.arange(K, device=codebook_KC.device)
+    canon_K[cand_R[same_R]] = target_R[same_R]
     return canon_K
 
 

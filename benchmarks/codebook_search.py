@@ -1,0 +1,206 @@
+"""Benchmark the codebook-search kernels against plain torch.
+
+GPU (--device cuda): for N in {65536, 262144, 1048576}, K in {1024, 16384}, C=256, fp32/bf16, the
+extension's nearest_code vs torch cdist+argmin and addmm+argmin (the best plain-torch way), plus
+residual_quantize at depth 4 vs four addmm+argmin searches, and the achieved TFLOP/s of each next
+to a bare torch GEMM of the same shape. CUDA events, warm-up, median of --repeats. The torch
+baselines run in row chunks of at most 2 GiB of distances, since N x K does not fit for the
+largest shapes. A float64 check of the first 4096 rows counts rows whose choice is not within
+rounding of the true minimum ("bad", must be 0).
+
+CPU (--device cpu): the chunked exact path vs naive full-matrix cdist+argmin and addmm+argmin,
+time and peak memory (RSS high-water mark of a fresh process per measurement, minus the inputs).
+
+    python benchmarks/codebook_search.py --device cpu [--quick]
+    python benchmarks/codebook_search.py --device cuda [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import reference as ref  # noqa: E402
+
+C = 256
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BASELINE_CHUNK_BYTES = 2 << 30
+
+
+def inputs(n, k, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(n, C, generator=g, device=device).to(dtype)
+    cb = torch.randn(k, C, generator=g, device=device).to(dtype)
+    return x, cb
+
+
+def torch_addmm_argmin(x, cb, chunk_rows):
+    sq = ref.codebook_sqnorm(cb).to(x.dtype)
+    out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    for n0 in range(0, x.shape[0], chunk_rows):
+        out[n0 : n0 + chunk_rows] = torch.addmm(sq, x[n0 : n0 + chunk_rows], cb.t(), alpha=-2).argmin(1)
+    return out
+
+
+def torch_cdist_argmin(x, cb, chunk_rows):
+    out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    for n0 in range(0, x.shape[0], chunk_rows):
+        out[n0 : n0 + chunk_rows] = torch.cdist(x[n0 : n0 + chunk_rows], cb).argmin(1)
+    return out
+
+
+def torch_rq(x, cb, depth, chunk_rows):
+    residual, cb_f = x.float(), cb.float()
+    for _ in range(depth):
+        idx = torch_addmm_argmin(residual, cb_f, chunk_rows)
+        residual = residual - cb_f[idx]
+    return residual
+
+
+def bare_gemm(x, cb, chunk_rows):
+    for n0 in range(0, x.shape[0], chunk_rows):
+        torch.mm(x[n0 : n0 + chunk_rows], cb.t())
+
+
+def bad_rows(x, cb, idx, rows=4096):
+    """Rows whose chosen code is further than rounding from the float64 minimum."""
+    x64, cb64 = x[:rows].double().cpu(), cb.double().cpu()
+    d = (x64 * x64).sum(1, keepdim=True) - 2 * x64 @ cb64.t() + (cb64 * cb64).sum(1)
+    chosen = d.gather(1, idx[:rows].cpu().unsqueeze(1)).squeeze(1)
+    scale = (x64 * x64).sum(1) + (cb64 * cb64).sum(1).max()
+    return int((chosen - d.min(1).values > 32 * 2.0**-23 * C**0.5 * scale).sum())
+
+
+# ---------------------------------------------------------------------------------------- GPU
+def time_cuda(fn, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def run_cuda(args):
+    ns = [65536] if args.quick else [65536, 262144, 1048576]
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  C={C}  median of {args.repeats}")
+    header = (
+        "| op | dtype | N | K | ext ms | addmm+argmin ms | cdist+argmin ms | vs addmm | vs cdist "
+        "| ext TFLOP/s | GEMM TFLOP/s | bad |"
+    )
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for k in (1024, 16384):
+        for n in ns:
+            for name, dtype in DTYPES.items():
+                x, cb = inputs(n, k, dtype, "cuda")
+                chunk = max(1, BASELINE_CHUNK_BYTES // (4 * k))
+                flop = 2.0 * n * k * C
+                t_ext = time_cuda(lambda: kernels.nearest_code(x, cb), args.warmup, args.repeats)
+                t_mm = time_cuda(lambda: torch_addmm_argmin(x, cb, chunk), args.warmup, args.repeats)
+                t_cd = time_cuda(lambda: torch_cdist_argmin(x, cb, chunk), args.warmup, args.repeats)
+                t_gemm = time_cuda(lambda: bare_gemm(x, cb, chunk), args.warmup, args.repeats)
+                bad = bad_rows(x, cb, kernels.nearest_code(x, cb)[0])
+                print(
+                    f"| nearest | {name} | {n} | {k} | {t_ext:.3f} | {t_mm:.3f} | {t_cd:.3f} | {t_mm / t_ext:.2f}x "
+                    f"| {t_cd / t_ext:.2f}x | {flop / t_ext / 1e9:.1f} | {flop / t_gemm / 1e9:.1f} | {bad} |"
+                )
+                t_rq = time_cuda(lambda: kernels.residual_quantize(x, cb, 4), args.warmup, args.repeats)
+                t_trq = time_cuda(lambda: torch_rq(x, cb, 4, chunk), args.warmup, args.repeats)
+                print(
+                    f"| rq depth 4 | {name} | {n} | {k} | {t_rq:.3f} | {t_trq:.3f} | - | {t_trq / t_rq:.2f}x | - "
+                    f"| {4 * flop / t_rq / 1e9:.1f} | {flop / t_gemm / 1e9:.1f} | - |"
+                )
+                del x, cb
+                torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------- CPU
+def _child(method, n, k, dtype_name, repeats, queue):
+    torch.manual_seed(0)
+    x, cb = inputs(n, k, DTYPES[dtype_name], "cpu")
+    if method == "chunked":
+        fn = lambda: kernels.nearest_code(x, cb)  # noqa: E731
+    elif method == "cdist":
+        fn = lambda: torch.cdist(x.float(), cb.float()).argmin(1)  # noqa: E731
+    elif method == "addmm":
+        fn = lambda: torch.addmm(ref.codebook_sqnorm(cb), x.float(), cb.float().t(), alpha=-2).argmin(1)  # noqa: E731
+    elif method == "rq4":
+        fn = lambda: kernels.residual_quantize(x, cb, 4)  # noqa: E731
+    else:  # naive residual quantisation: four full-matrix addmm+argmin searches
+        fn = lambda: torch_rq(x, cb, 4, x.shape[0])  # noqa: E731
+    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = fn()  # warm-up (MKL/OpenMP start-up); same op, so it does not raise the peak
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kb) / 1024
+    bad = bad_rows(x, cb, result[0]) if method == "chunked" else None
+    queue.put((statistics.median(times), peak_mb, bad))
+
+
+def measure_cpu(method, n, k, dtype_name, repeats):
+    ctx = mp.get_context("spawn")  # a fresh process per measurement: clean RSS high-water mark
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(method, n, k, dtype_name, repeats, queue))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    return out
+
+
+def run_cpu(args):
+    shapes = [(4096, 1024)] if args.quick else [(4096, 1024), (65536, 1024), (4096, 16384), (16384, 16384)]
+    print(f"CPU: {torch.get_num_threads()} torch threads  torch {torch.__version__}  C={C}  median of {args.repeats}")
+    print("| op | dtype | N | K | chunked s | peak MB | cdist+argmin s | peak MB | addmm+argmin s | peak MB | bad |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n, k in shapes:
+        for name in DTYPES:
+            t_c, m_c, bad = measure_cpu("chunked", n, k, name, args.repeats)
+            t_d, m_d, _ = measure_cpu("cdist", n, k, name, args.repeats)
+            t_a, m_a, _ = measure_cpu("addmm", n, k, name, args.repeats)
+            print(
+                f"| nearest | {name} | {n} | {k} | {t_c:.3f} | {m_c:.0f} | {t_d:.3f} | {m_d:.0f} "
+                f"| {t_a:.3f} | {m_a:.0f} | {bad} |"
+            )
+    for n, k in shapes[:2] if not args.quick else shapes:
+        t_r, m_r, _ = measure_cpu("rq4", n, k, "fp32", args.repeats)
+        t_n, m_n, _ = measure_cpu("rq4_naive", n, k, "fp32", args.repeats)
+        print(f"| rq depth 4 | fp32 | {n} | {k} | {t_r:.3f} | {m_r:.0f} | - | - | {t_n:.3f} | {m_n:.0f} | - |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="smallest shapes only, for a smoke run")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (GPU)")
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 3 if args.device == "cpu" else 20
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda but torch.cuda.is_available() is False")
+        run_cuda(args)
+    else:
+        run_cpu(args)
+
+
+if __name__ == "__main__":
+    main()
