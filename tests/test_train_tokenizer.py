@@ -140,3 +140,15 @@ def test_two_process_step_equals_one_process(tmp_path):
 def test_missing_shard_stage_is_a_clear_error(tmp_path):
     out = tessera("stage", "train_tokenizer", "configs/demo-rq.yaml", "--run-dir", str(tmp_path), *TINY, check=False)
     assert out.returncode == 2 and "needs the shard stage first" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_dq_entropy_router_is_calibrated_before_training(tmp_path):
+    run_tokenizer(tmp_path, "tokenizer_train.steps=2", "tokenizer.router=entropy", "tokenizer.target_ratio=0.25",
+                  config="configs/demo-dq.yaml")
+    model = load_tokenizer(tmp_path / "train_tokenizer")
+    assert torch.isfinite(model.entropy_threshold)
+    metrics = json.loads((tmp_path / "train_tokenizer/done.json").read_text())["metrics"]
+    coarse = model.coarse_side ** 2  # each fine region costs 4 codes instead of 1
+    # The threshold is a percentile of the train images, so on val the fine fraction is near the target.
+    fine_ratio = (metrics["codes_per_image"] - coarse) / (3 * coarse)
+    assert abs(fine_ratio - 0.25) < 0.15

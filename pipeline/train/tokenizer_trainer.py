@@ -27,6 +27,9 @@ from ..stage import StageError
 from .tokenizer_eval import evaluate_tokenizer
 
 
+ENTROPY_CALIBRATION_BATCHES = 16  # x 64 images: enough for a stable percentile of patch entropies
+
+
 @dataclass
 class LoaderFactory:
     """Builds readers over the shard manifest (train: infinite epochs; val: one pass)."""
@@ -43,6 +46,13 @@ class LoaderFactory:
         return make_image_loader(self.manifest, "train", batch_size, rank=self.env.rank,
                                  world_size=self.env.world_size, seed=self.seed, shuffle=True, drop_last=True,
                                  num_workers=self.num_workers, random_crop=self.random_crop, hflip=self.hflip)
+
+    def calibration(self, batch_size: int):
+        """The first train images in stored order, identical on every rank (same threshold everywhere)."""
+        from ..data.reader import make_image_loader
+
+        return make_image_loader(self.manifest, "train", batch_size, rank=0, world_size=1, seed=self.seed,
+                                 shuffle=False, num_workers=self.num_workers)
 
     def val(self, batch_size: int):
         from ..data.reader import make_image_loader
@@ -202,7 +212,13 @@ class TokenizerTrainer:
         """Train to `steps`, checkpointing periodically and when `guard` reports a signal."""
         tc = self.train_cfg
         self.model.train()
-        self.resume()
+        if not self.resume() and self.cfg.tokenizer.kind == "dq" and self.cfg.tokenizer.router == "entropy":
+            from ..models.dq import calibrate_entropy_threshold
+
+            threshold = calibrate_entropy_threshold(self.model, self.loaders.calibration(64),
+                                                    max_batches=ENTROPY_CALIBRATION_BATCHES)
+            self.logger.info("DQ entropy router: threshold %.4f (fine ratio target %.2f)", threshold,
+                             self.cfg.tokenizer.target_ratio)
         self._batches = self._iterate_batches()
         images_per_step = tc.batch_size
         bar = tqdm(total=tc.steps, initial=self.step, desc="train_tokenizer", unit="step",
