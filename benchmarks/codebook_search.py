@@ -37,9 +37,10 @@ BASELINE_CHUNK_BYTES = 2 << 30
 
 
 def inputs(n, k, dtype, device, seed=0):
+    # Drawn directly in the target dtype: no fp32 temporary inflating the memory baseline.
     g = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(n, C, generator=g, device=device).to(dtype)
-    cb = torch.randn(k, C, generator=g, device=device).to(dtype)
+    x = torch.randn(n, C, generator=g, device=device, dtype=dtype)
+    cb = torch.randn(k, C, generator=g, device=device, dtype=dtype)
     return x, cb
 
 
@@ -59,11 +60,16 @@ def torch_cdist_argmin(x, cb, chunk_rows):
 
 
 def torch_rq(x, cb, depth, chunk_rows):
-    residual, cb_f = x.float(), cb.float()
-    for _ in range(depth):
-        idx = torch_addmm_argmin(residual, cb_f, chunk_rows)
-        residual = residual - cb_f[idx]
-    return residual
+    """Plain-torch residual quantisation with the same outputs as kernels.residual_quantize."""
+    x_f, cb_f = x.float(), cb.float()
+    codes = torch.empty(x.shape[0], depth, dtype=torch.int64, device=x.device)
+    partial = torch.empty(x.shape[0], depth, C, dtype=torch.float32, device=x.device)
+    ps = torch.zeros_like(x_f)
+    for d in range(depth):
+        codes[:, d] = torch_addmm_argmin(x_f - ps, cb_f, chunk_rows)
+        ps = ps + cb_f[codes[:, d]]
+        partial[:, d] = ps
+    return codes, partial
 
 
 def bare_gemm(x, cb, chunk_rows):
@@ -130,6 +136,24 @@ def run_cuda(args):
 
 
 # ---------------------------------------------------------------------------------------- CPU
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss():
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _child(method, n, k, dtype_name, repeats, queue):
     torch.manual_seed(0)
     x, cb = inputs(n, k, DTYPES[dtype_name], "cpu")
@@ -143,14 +167,18 @@ def _child(method, n, k, dtype_name, repeats, queue):
         fn = lambda: kernels.residual_quantize(x, cb, 4)  # noqa: E731
     else:  # naive residual quantisation: four full-matrix addmm+argmin searches
         fn = lambda: torch_rq(x, cb, 4, x.shape[0])  # noqa: E731
-    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Peak = high-water mark of resident memory during the op minus resident memory with only
+    # the inputs alive (VmHWM reset first, so creating the inputs does not hide the op's peak).
+    have_hwm = _reset_peak_rss()
+    base_kb = _status_kb("VmRSS") if have_hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = fn()  # warm-up (MKL/OpenMP start-up); same op, so it does not raise the peak
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - t0)
-    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kb) / 1024
+    peak_kb = _status_kb("VmHWM") if have_hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_mb = (peak_kb - base_kb) / 1024
     bad = bad_rows(x, cb, result[0]) if method == "chunked" else None
     queue.put((statistics.median(times), peak_mb, bad))
 

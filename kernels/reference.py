@@ -69,19 +69,24 @@ def _hash_rows(rows_RC: torch.Tensor, rows_per_chunk: int) -> torch.Tensor:
     return out_R
 
 
-def lowest_duplicate(codebook_KC: torch.Tensor, chunk_bytes: int = 16 << 20):
+def lowest_duplicate(codebook_KC: torch.Tensor, chunk_bytes: int = 16 << 20, hash_all: bool = False):
     """canon_K mapping each code to the lowest index holding the same vector, or None if all
     codes are distinct.
 
-    Identical rows get bitwise identical ||e||^2 (one reduction algorithm per row), so only codes
-    sharing their ||e||^2 with another code can be duplicates: for a generic codebook this is one
-    sort of K floats. Candidates are then grouped by a hash of their bits and verified exactly.
+    On CPU identical rows get bitwise identical ||e||^2 (one reduction algorithm per row), so only
+    codes sharing their ||e||^2 with another code can be duplicates: for a generic codebook this
+    is one sort of K floats. Candidates are then grouped by a hash of their bits (exact integer
+    arithmetic, so order-independent) and verified. hash_all=True skips the ||e||^2 prefilter
+    (used on GPU, where hashing every row is cheap and no reduction-order assumption is needed).
     """
     K, C = codebook_KC.shape
     if K < 2:
         return None
-    _, sq_inverse, sq_counts = torch.unique(codebook_sqnorm(codebook_KC), return_inverse=True, return_counts=True)
-    cand_R = torch.nonzero(sq_counts[sq_inverse] > 1).squeeze(1)
+    if hash_all:
+        cand_R = torch.arange(K, device=codebook_KC.device)
+    else:
+        _, sq_inverse, sq_counts = torch.unique(codebook_sqnorm(codebook_KC), return_inverse=True, return_counts=True)
+        cand_R = torch.nonzero(sq_counts[sq_inverse] > 1).squeeze(1)
     if cand_R.numel() == 0:
         return None
     hash_R = _hash_rows(codebook_KC[cand_R], max(1, chunk_bytes // (8 * C)))

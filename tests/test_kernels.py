@@ -288,6 +288,59 @@ def test_failed_build_raises_with_log_path(monkeypatch, tmp_path):
         loader.reset()
 
 
+class FakeExtension:
+    """Stands in for the compiled module so the CUDA wrappers' glue runs on CPU: it answers like
+    the kernels but picks the highest index among duplicates, which the wrappers must undo."""
+
+    def __init__(self, fits):
+        self.fits = fits
+
+    @staticmethod
+    def _highest_duplicate(idx, cb):
+        same = (cb[idx][:, None, :] == cb[None]).all(-1)  # N x K: codes identical to the choice
+        return torch.where(idx >= 0, cb.shape[0] - 1 - same.flip(1).int().argmax(1), idx)
+
+    def nearest_code(self, x, cb, sq):
+        idx, sqdist = ref.nearest_code(x, cb, sq)
+        return self._highest_duplicate(idx, cb), sqdist
+
+    def residual_fits(self, n_feat, device):
+        return self.fits
+
+    def residual_quantize(self, x, cb, sq, depth):
+        codes, partial = ref.residual_quantize(x, cb, depth)
+        cbs = [cb if cb.dim() == 2 else cb[d] for d in range(depth)]
+        return torch.stack([self._highest_duplicate(codes[:, d], cbs[d]) for d in range(depth)], 1), partial
+
+    def soft_codes(self, r, cb, sq, tau, sample, seed):
+        probs, sampled = ref.soft_codes(r, cb, tau, sample, torch.Generator().manual_seed(seed))
+        return probs, sampled if sample else torch.empty(0, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_cuda_wrapper_glue_with_fake_extension(fits, monkeypatch):
+    import contextlib
+
+    from kernels import cuda as cuda_path
+
+    monkeypatch.setattr(cuda_path, "get_cuda_extension", lambda: FakeExtension(fits))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    base = rand(10, 6, seed=1)
+    cb = torch.cat([base, base, base])
+    x = torch.cat([base, rand(40, 6, seed=2)])
+    idx, sqdist = cuda_path.nearest_code(x, cb)
+    assert torch.equal(idx, kernels.nearest_code(x, cb)[0]) and bool((idx < 10).all())
+    for codebook in (cb, torch.stack([cb, cb.flip(0)])):
+        codes, partial = cuda_path.residual_quantize(x, codebook, 2)
+        expect = kernels.residual_quantize(x, codebook, 2)
+        assert torch.equal(codes, expect[0])
+        torch.testing.assert_close(partial, expect[1])
+    g = torch.Generator().manual_seed(3)
+    probs, sampled = cuda_path.soft_codes(x, cb, 0.5, sample=True, generator=g)
+    assert sampled.shape == (50,) and cuda_path.soft_codes(x, cb, 0.5)[1] is None
+    torch.testing.assert_close(probs, kernels.soft_codes(x, cb, 0.5)[0])
+
+
 # ----------------------------------------------------------------------------------------------
 # CUDA: the same checks on the extension (skipped without a GPU).
 gpu = pytest.mark.skipif(not CUDA, reason="no CUDA device")
