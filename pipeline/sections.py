@@ -67,6 +67,10 @@ class PrecomputeConfig:
     store_latents: bool = option(False, "also store the fp16 pre-quantization latent (for soft-label prior training)")
     augment: str = option("none", "extra encoded views per image", choices=("none", "hflip", "tencrop"))
     verify_images: int = option(32, "seeded sample of stored codes decoded to check PSNR at the end", ge=0)
+    crop_range: float = option(1.1, "tencrop: the stored image is upscaled by this factor before the ten crops "
+                               "(LlamaGen's crop_range)", ge=1.0, le=2.0)
+    precision: str = option("auto", "encoder precision: auto = bf16 autocast on GPU, fp32 on CPU",
+                            choices=("auto", "fp32", "bf16"))
 
 
 @dataclass

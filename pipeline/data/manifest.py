@@ -87,8 +87,8 @@ def load_manifest(path: str | os.PathLike) -> tuple[dict, Path]:
 
 
 def verify_shards(manifest: dict | str | os.PathLike, root: str | os.PathLike | None = None,
-                  splits: tuple[str, ...] | None = None) -> None:
-    """Raise ShardIntegrityError naming the first missing or altered shard.
+                  splits: tuple[str, ...] | None = None, *, stage: str = "shard") -> None:
+    """Raise ShardIntegrityError naming the first missing or altered shard (`stage` wrote them).
 
     Hashing every shard on every open is slow for large datasets, so a verified shard is
     remembered in `<root>/.verified.json` by (size, mtime_ns, sha256); any rewrite of a shard
@@ -117,7 +117,7 @@ def verify_shards(manifest: dict | str | os.PathLike, root: str | os.PathLike | 
             if sha != shard["sha256"]:
                 raise ShardIntegrityError(
                     f"shard {shard['name']} in {root} does not match the manifest (sha256 {sha[:12]}... != "
-                    f"{shard['sha256'][:12]}...): it was modified or corrupted; rerun the shard stage with --force")
+                    f"{shard['sha256'][:12]}...): it was modified or corrupted; rerun the {stage} stage with --force")
             updated[shard["name"]] = [*stamp, sha]
     if updated != cache:
         try:

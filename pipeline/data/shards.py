@@ -164,19 +164,29 @@ def _write_tar(path: Path, encoded: Iterable[tuple[LoadedImage, bytes]], image_e
 
 
 def _write_mds(unit: Path, encoded: Iterable[tuple[LoadedImage, bytes]], image_ext: str) -> int:
-    """One MDS dataset directory per unit, written in a temp dir and renamed into place."""
+    columns = {"key": "str", "cls": "int", "origin": "str", image_ext: "bytes"}
+    rows = ({"key": img.key, "cls": img.label, "origin": img.origin, image_ext: image_bytes}
+            for img, image_bytes in encoded)
+    return write_mds_dir(unit, columns, rows)
+
+
+def write_mds_dir(unit: Path, columns: dict[str, str], rows: Iterable[dict]) -> int:
+    """One MDS dataset directory per unit, written in a temp dir and renamed into place; returns the row count.
+
+    Uncompressed and without per-shard hashes: the bytes are then a function of the rows alone
+    (integrity is the sidecar's sha256 over the whole directory)."""
     from streaming import MDSWriter
 
     count = 0
+    unit.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(prefix=f".{unit.name}.", suffix=".tmpdir", dir=unit.parent))
     try:
         staged = tmp_root / unit.name
-        columns = {"key": "str", "cls": "int", "origin": "str", image_ext: "bytes"}
         with MDSWriter(out=str(staged), columns=columns, compression=None, hashes=[], size_limit=MDS_SIZE_LIMIT,
                        progress_bar=False) as writer:
-            for img, image_bytes in encoded:
+            for row in rows:
                 count += 1
-                writer.write({"key": img.key, "cls": img.label, "origin": img.origin, image_ext: image_bytes})
+                writer.write(row)
         for file in staged.iterdir():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
@@ -186,4 +196,3 @@ def _write_mds(unit: Path, encoded: Iterable[tuple[LoadedImage, bytes]], image_e
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     return count
-
