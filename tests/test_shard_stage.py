@@ -1,6 +1,5 @@
 """The shard stage end to end: determinism, multi-task, kill + resume, rejects, 2 ranks."""
 import json
-import os
 import subprocess
 import sys
 import textwrap

@@ -30,7 +30,8 @@ from ..train.tokenizer_eval import psnr_per_image
 from .codes_writer import VIEW_NAMES, CodeEncoder, CodeLayout, UnitStats, make_views, write_code_unit
 from .dq_sequence import dq_codes_from_tokens
 from .reader import ShardedImageDataset
-from .shards import ShardSpec, assigned_shards, read_sidecar, verified_sidecar
+from . import shards as shards_lib
+from .shards import ShardSpec, assigned_shards, verified_sidecar
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -139,13 +140,7 @@ class CodesJob:
     # ---- completion ----------------------------------------------------------------------
     def collect_sidecars(self) -> list[dict] | None:
         """Every unit's sidecar in plan order, or None while any unit is still missing."""
-        sidecars = []
-        for spec in self.plan:
-            sidecar = read_sidecar(self.stage_dir, spec, self.plan_id)
-            if sidecar is None:
-                return None
-            sidecars.append(sidecar)
-        return sidecars
+        return shards_lib.collect_sidecars(self.stage_dir, self.plan, self.plan_id)
 
     def build_manifest(self, sidecars: list[dict]) -> dict:
         """Content only (no times, hosts, paths): an interrupted and an uninterrupted run give the same bytes."""
@@ -209,7 +204,7 @@ class CodesJob:
             images.append(self.datasets[split][i][0])
         images_BCHW = torch.stack(images)
         model, bs, dev = self.encoder.model, self.cfg.precompute.batch_size, self.encoder.device
-        direct, recon_stored, recon_direct, mismatched, tokens = [], [], [], 0, 0
+        recon_stored, recon_direct, mismatched, tokens = [], [], 0, 0
         for lo in range(0, n, bs):
             rows, x = stored[lo:lo + bs], images_BCHW[lo:lo + bs]
             fresh = self.encoder.encode_view(x)

@@ -21,7 +21,7 @@ from ..io import atomic_write_text, sha256_json
 from ..stage import StageError
 from . import manifest as manifest_lib
 from . import shards as shards_lib
-from .shards import ShardSpec, assigned_shards, plan_shards, read_sidecar, samples_per_shard, verified_sidecar
+from .shards import ShardSpec, assigned_shards, plan_shards, samples_per_shard, verified_sidecar
 from .sources import make_source
 
 _LOAD_CHUNK = 32  # images decoded/rendered per task (bounds memory, keeps numpy batched)
@@ -95,13 +95,7 @@ class ShardJob:
 
     def collect_sidecars(self) -> list[dict] | None:
         """Every shard's sidecar in plan order, or None while any shard is still missing."""
-        sidecars = []
-        for spec in self.plan:
-            sidecar = read_sidecar(self.stage_dir, spec, self.plan_id)
-            if sidecar is None:
-                return None
-            sidecars.append(sidecar)
-        return sidecars
+        return shards_lib.collect_sidecars(self.stage_dir, self.plan, self.plan_id)
 
     def finalize(self, sidecars: list[dict], max_reject_fraction: float, *, write: bool = True) -> dict:
         """Write rejected.jsonl and manifest.json; fail when too many inputs were unreadable.

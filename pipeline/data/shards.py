@@ -92,6 +92,17 @@ def read_sidecar(stage_dir: Path, spec: ShardSpec, plan_id: str) -> dict | None:
     return sidecar if size == sidecar.get("bytes") else None
 
 
+def collect_sidecars(stage_dir: Path, plan: list[ShardSpec], plan_id: str) -> list[dict] | None:
+    """Every unit's sidecar in plan order, or None while any unit is still missing."""
+    sidecars = []
+    for spec in plan:
+        sidecar = read_sidecar(stage_dir, spec, plan_id)
+        if sidecar is None:
+            return None
+        sidecars.append(sidecar)
+    return sidecars
+
+
 def verified_sidecar(stage_dir: Path, spec: ShardSpec, plan_id: str) -> dict | None:
     """Like read_sidecar, and the unit's content hash matches too (used before keeping a unit)."""
     sidecar = read_sidecar(stage_dir, spec, plan_id)

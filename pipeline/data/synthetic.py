@@ -62,7 +62,7 @@ def render(seed: int, split: str, indices, resolution: int, num_classes: int) ->
 
 
 def _render_block(seed, split, indices, resolution, num_classes) -> np.ndarray:
-    n, res = len(indices), resolution
+    res = resolution
     u = _image_uniforms(seed, split, indices)
     grid = (np.arange(res, dtype=np.float32) + 0.5) / res
     ys, xs = grid[None, :, None], grid[None, None, :]

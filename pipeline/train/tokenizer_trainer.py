@@ -165,7 +165,7 @@ class TokenizerTrainer:
             yield from self.train_loader
 
     def train_step(self) -> dict:
-        tc, cfg = self.train_cfg, self.cfg.tokenizer
+        tc = self.train_cfg
         gan_active = self.loss.gan_active(self.step)
         logs: dict[str, float] = {}
         batches = [self._next_batch() for _ in range(tc.grad_accum)]
