@@ -5,8 +5,8 @@ fp32 addmm into a reused workspace, and a running (min, argmin) is kept per row.
 visited in increasing index order and a later chunk replaces the running best only when strictly
 smaller, so ties keep the lowest index exactly as a single pass would.
 
-Peak extra memory of nearest_code is the workspace (`CHUNK_BYTES`, default 16 MiB) plus
-O(chunk x C) for the upcast rows; never N x K. Blocks are kept square-ish (up to 2048 rows x 2048
+Peak extra memory of nearest_code is the workspace (`CHUNK_BYTES`, default 16 MiB), O(chunk x C)
+for upcast rows and a 64 MiB block for the final sqdist pass; never N x K. Blocks are kept square-ish (up to 2048 rows x 2048
 codes): MKL packs both operands on every call, so a block needs both dimensions large to run near
 GEMM speed (on 2 cores: ~22 GFLOP/s at 128 rows, ~57 at 1024, for 8192 codes and C=256).
 """
@@ -20,6 +20,8 @@ from . import reference as ref
 CHUNK_BYTES = 16 << 20
 # Codes per K-chunk; with CHUNK_BYTES this gives >= 2048 rows per block.
 MAX_K_CHUNK = 2048
+# Gathered fp32 rows per block of the final ||x - e_idx||^2 pass.
+SQDIST_CHUNK_BYTES = 64 << 20
 
 
 def chunk_shape(n_rows: int, n_codes: int) -> tuple[int, int]:
@@ -56,18 +58,22 @@ def _search(x_NC, codebook_KC, sqnorm_K, want_sqdist):
     codebook_f32 = codebook_KC.float()
     if sqnorm_K is None:
         sqnorm_K = ref.codebook_sqnorm(codebook_f32)
-    canon_K = ref.lowest_duplicate(codebook_KC, CHUNK_BYTES)
     n_chunk, k_chunk = chunk_shape(N, K)
     workspace = torch.empty(n_chunk * min(K, k_chunk), dtype=torch.float32)
     idx_N = torch.empty(N, dtype=torch.int64)
-    sqdist_N = torch.empty(N, dtype=torch.float32) if want_sqdist else None
     for n0 in range(0, N, n_chunk):
         n1 = min(N, n0 + n_chunk)
-        _, idx = _search_block(x_NC[n0:n1], codebook_f32, sqnorm_K, workspace, k_chunk)
-        ref.canonicalize_(idx, canon_K)
-        idx_N[n0:n1] = idx
-        if want_sqdist:
-            sqdist_N[n0:n1] = ref.exact_sqdist(x_NC[n0:n1], codebook_f32, idx)
+        idx_N[n0:n1] = _search_block(x_NC[n0:n1], codebook_f32, sqnorm_K, workspace, k_chunk)[1]
+    # Per-row work that is O(C), not O(K), runs after the search in a few large blocks: with two
+    # threads every parallel torch op has a fixed synchronisation cost (several ms when the cores
+    # are shared), so fewer, larger ops are much faster than one set per search block.
+    ref.canonicalize_(idx_N, ref.lowest_duplicate(codebook_KC, CHUNK_BYTES))
+    if not want_sqdist:
+        return idx_N, None
+    sqdist_N = torch.empty(N, dtype=torch.float32)
+    rows = max(1, SQDIST_CHUNK_BYTES // (4 * x_NC.shape[1]))
+    for n0 in range(0, N, rows):
+        sqdist_N[n0 : n0 + rows] = ref.exact_sqdist(x_NC[n0 : n0 + rows], codebook_f32, idx_N[n0 : n0 + rows])
     return idx_N, sqdist_N
 
 

@@ -113,15 +113,14 @@ def canonicalize_(idx_N: torch.Tensor, canon_K) -> torch.Tensor:
 
 def gather_codes(codebook_KC: torch.Tensor, idx_N: torch.Tensor) -> torch.Tensor:
     """fp32 embeddings of idx; rows with index -1 become NaN."""
-    emb_NC = codebook_KC[idx_N.clamp_min(0)].float()
-    emb_NC[idx_N < 0] = NAN
-    return emb_NC
+    emb_NC = codebook_KC.index_select(0, idx_N.clamp_min(0)).float()
+    return emb_NC.masked_fill_((idx_N < 0).unsqueeze(1), NAN)
 
 
 def exact_sqdist(x_NC: torch.Tensor, codebook_KC: torch.Tensor, idx_N: torch.Tensor) -> torch.Tensor:
-    """||x - e_idx||^2 in fp32; NaN where idx is -1."""
-    diff_NC = x_NC.float() - gather_codes(codebook_KC, idx_N)
-    return (diff_NC * diff_NC).sum(-1)
+    """||x - e_idx||^2 in fp32; NaN where idx is -1. In place on one N x C gather."""
+    diff_NC = codebook_KC.index_select(0, idx_N.clamp_min(0)).float().sub_(x_NC)
+    return torch.linalg.vecdot(diff_NC, diff_NC).masked_fill_(idx_N < 0, NAN)
 
 
 def nearest_code(x_NC, codebook_KC, codebook_sqnorm_K=None):

@@ -62,7 +62,7 @@ def rand(*shape, dtype=torch.float32, device="cpu", seed=None):
     return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
 
 
-SHAPES = [(0, 5, 3), (1, 1, 1), (1, 7, 5), (37, 65, 33), (300, 1000, 17), (129, 130, 64), (64, 4097, 8), (20, 3, 1024)]
+SHAPES = [(0, 5, 3), (1, 1, 1), (1, 7, 5), (37, 65, 33), (300, 1000, 17), (129, 130, 64), (64, 4097, 8), (20, 3, 1024), (3, 65536, 2)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -95,6 +95,16 @@ def test_duplicate_codes_resolve_to_lowest_index(K, chunking):
     assert torch.equal(idx, lowest)
     assert bool((idx < K // 2).all())
     assert torch.equal(sqdist[: K // 2], torch.zeros(K // 2))
+
+
+def test_lowest_duplicate_edge_cases():
+    one_hot = torch.eye(50)  # every ||e||^2 equal: all are candidates, none is a duplicate
+    assert ref.lowest_duplicate(one_hot) is None
+    signed = torch.tensor([[0.0, 1.0], [-0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # -0.0 == +0.0
+    assert ref.lowest_duplicate(signed).tolist() == [0, 0, 2, 0]
+    assert ref.lowest_duplicate(signed, hash_all=True).tolist() == [0, 0, 2, 0]
+    idx, sqdist = kernels.nearest_code(torch.tensor([[0.0, 0.9], [0.9, 0.1]]), signed)
+    assert idx.tolist() == [0, 2]
 
 
 def test_nonfinite_rules_agree_between_reference_and_cpu(chunking):
