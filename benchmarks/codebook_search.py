@@ -8,8 +8,9 @@ baselines run in row chunks of at most 2 GiB of distances, since N x K does not 
 largest shapes. A float64 check of the first 4096 rows counts rows whose choice is not within
 rounding of the true minimum ("bad", must be 0).
 
-CPU (--device cpu): the chunked exact path vs naive full-matrix cdist+argmin and addmm+argmin,
-time and peak memory (RSS high-water mark of a fresh process per measurement, minus the inputs).
+CPU (--device cpu): the chunked exact path vs naive full-matrix cdist+argmin and addmm+argmin:
+time (median of rounds that alternate between the methods, after a warm-up) and peak memory
+(RSS high-water mark of a fresh process per measurement, minus the inputs).
 
     python benchmarks/codebook_search.py --device cpu [--quick]
     python benchmarks/codebook_search.py --device cuda [--quick]
@@ -101,8 +102,20 @@ def time_cuda(fn, warmup, repeats):
     return statistics.median(times)
 
 
+def maybe_time(fn, warmup, repeats):
+    """Median ms, or NaN where a plain-torch baseline cannot run (out of memory, unsupported)."""
+    try:
+        return time_cuda(fn, warmup, repeats)
+    except RuntimeError as exc:
+        print(f"  (baseline failed: {str(exc).splitlines()[0][:120]})")
+        torch.cuda.empty_cache()
+        return float("nan")
+
+
 def run_cuda(args):
-    ns = [65536] if args.quick else [65536, 262144, 1048576]
+    ns = args.n or ([65536] if args.quick else [65536, 262144, 1048576])
+    ks = args.k or ([1024] if args.quick else [1024, 16384])
+    dtypes = {name: DTYPES[name] for name in (args.dtype or DTYPES)}
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  C={C}  median of {args.repeats}")
     header = (
         "| op | dtype | N | K | ext ms | addmm+argmin ms | cdist+argmin ms | vs addmm | vs cdist "
@@ -110,23 +123,23 @@ def run_cuda(args):
     )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
-    for k in (1024, 16384):
+    for k in ks:
         for n in ns:
-            for name, dtype in DTYPES.items():
+            for name, dtype in dtypes.items():
                 x, cb = inputs(n, k, dtype, "cuda")
                 chunk = max(1, BASELINE_CHUNK_BYTES // (4 * k))
                 flop = 2.0 * n * k * C
                 t_ext = time_cuda(lambda: kernels.nearest_code(x, cb), args.warmup, args.repeats)
-                t_mm = time_cuda(lambda: torch_addmm_argmin(x, cb, chunk), args.warmup, args.repeats)
-                t_cd = time_cuda(lambda: torch_cdist_argmin(x, cb, chunk), args.warmup, args.repeats)
-                t_gemm = time_cuda(lambda: bare_gemm(x, cb, chunk), args.warmup, args.repeats)
+                t_mm = maybe_time(lambda: torch_addmm_argmin(x, cb, chunk), args.warmup, args.repeats)
+                t_cd = maybe_time(lambda: torch_cdist_argmin(x, cb, chunk), args.warmup, args.repeats)
+                t_gemm = maybe_time(lambda: bare_gemm(x, cb, chunk), args.warmup, args.repeats)
                 bad = bad_rows(x, cb, kernels.nearest_code(x, cb)[0])
                 print(
                     f"| nearest | {name} | {n} | {k} | {t_ext:.3f} | {t_mm:.3f} | {t_cd:.3f} | {t_mm / t_ext:.2f}x "
                     f"| {t_cd / t_ext:.2f}x | {flop / t_ext / 1e9:.1f} | {flop / t_gemm / 1e9:.1f} | {bad} |"
                 )
                 t_rq = time_cuda(lambda: kernels.residual_quantize(x, cb, 4), args.warmup, args.repeats)
-                t_trq = time_cuda(lambda: torch_rq(x, cb, 4, chunk), args.warmup, args.repeats)
+                t_trq = maybe_time(lambda: torch_rq(x, cb, 4, chunk), args.warmup, args.repeats)
                 print(
                     f"| rq depth 4 | {name} | {n} | {k} | {t_rq:.3f} | {t_trq:.3f} | - | {t_trq / t_rq:.2f}x | - "
                     f"| {4 * flop / t_rq / 1e9:.1f} | {flop / t_gemm / 1e9:.1f} | - |"
@@ -154,43 +167,52 @@ def _reset_peak_rss():
         return False
 
 
-def _child(method, n, k, dtype_name, repeats, queue):
-    torch.manual_seed(0)
-    x, cb = inputs(n, k, DTYPES[dtype_name], "cpu")
+def cpu_op(method, x, cb):
     if method == "chunked":
-        fn = lambda: kernels.nearest_code(x, cb)  # noqa: E731
-    elif method == "cdist":
-        fn = lambda: torch.cdist(x.float(), cb.float()).argmin(1)  # noqa: E731
-    elif method == "addmm":
-        fn = lambda: torch.addmm(ref.codebook_sqnorm(cb), x.float(), cb.float().t(), alpha=-2).argmin(1)  # noqa: E731
-    elif method == "rq4":
-        fn = lambda: kernels.residual_quantize(x, cb, 4)  # noqa: E731
-    else:  # naive residual quantisation: four full-matrix addmm+argmin searches
-        fn = lambda: torch_rq(x, cb, 4, x.shape[0])  # noqa: E731
-    # Peak = high-water mark of resident memory during the op minus resident memory with only
-    # the inputs alive (VmHWM reset first, so creating the inputs does not hide the op's peak).
+        return lambda: kernels.nearest_code(x, cb)
+    if method == "cdist":
+        return lambda: torch.cdist(x.float(), cb.float()).argmin(1)
+    if method == "addmm":
+        return lambda: torch.addmm(ref.codebook_sqnorm(cb), x.float(), cb.float().t(), alpha=-2).argmin(1)
+    if method == "rq4":
+        return lambda: kernels.residual_quantize(x, cb, 4)
+    return lambda: torch_rq(x, cb, 4, x.shape[0])  # naive: four full-matrix addmm+argmin searches
+
+
+def _peak_child(method, n, k, dtype_name, queue):
+    x, cb = inputs(n, k, DTYPES[dtype_name], "cpu")
+    fn = cpu_op(method, x, cb)
+    # High-water mark of resident memory during the op minus resident memory with only the
+    # inputs alive (VmHWM reset first, so creating the inputs does not hide the op's peak).
     have_hwm = _reset_peak_rss()
     base_kb = _status_kb("VmRSS") if have_hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result = fn()  # warm-up (MKL/OpenMP start-up); same op, so it does not raise the peak
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
+    fn()
     peak_kb = _status_kb("VmHWM") if have_hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak_mb = (peak_kb - base_kb) / 1024
-    bad = bad_rows(x, cb, result[0]) if method == "chunked" else None
-    queue.put((statistics.median(times), peak_mb, bad))
+    queue.put((peak_kb - base_kb) / 1024)
 
 
-def measure_cpu(method, n, k, dtype_name, repeats):
-    ctx = mp.get_context("spawn")  # a fresh process per measurement: clean RSS high-water mark
+def peak_mb(method, n, k, dtype_name):
+    ctx = mp.get_context("spawn")  # a fresh process per measurement: clean high-water mark
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(method, n, k, dtype_name, repeats, queue))
+    proc = ctx.Process(target=_peak_child, args=(method, n, k, dtype_name, queue))
     proc.start()
     out = queue.get()
     proc.join()
     return out
+
+
+def interleaved_times(fns, repeats):
+    """Median seconds per fn; rounds alternate between fns so a busy spell on a shared machine
+    hits every method alike instead of whichever happened to run then."""
+    for fn in fns.values():
+        fn()  # warm-up (MKL/OpenMP start-up)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def run_cpu(args):
@@ -200,17 +222,20 @@ def run_cpu(args):
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n, k in shapes:
         for name in DTYPES:
-            t_c, m_c, bad = measure_cpu("chunked", n, k, name, args.repeats)
-            t_d, m_d, _ = measure_cpu("cdist", n, k, name, args.repeats)
-            t_a, m_a, _ = measure_cpu("addmm", n, k, name, args.repeats)
+            x, cb = inputs(n, k, DTYPES[name], "cpu")
+            methods = ("chunked", "cdist", "addmm")
+            t = interleaved_times({m: cpu_op(m, x, cb) for m in methods}, args.repeats)
+            mem = {m: peak_mb(m, n, k, name) for m in methods}
+            bad = bad_rows(x, cb, kernels.nearest_code(x, cb)[0])
             print(
-                f"| nearest | {name} | {n} | {k} | {t_c:.3f} | {m_c:.0f} | {t_d:.3f} | {m_d:.0f} "
-                f"| {t_a:.3f} | {m_a:.0f} | {bad} |"
+                f"| nearest | {name} | {n} | {k} | {t['chunked']:.3f} | {mem['chunked']:.0f} | {t['cdist']:.3f} "
+                f"| {mem['cdist']:.0f} | {t['addmm']:.3f} | {mem['addmm']:.0f} | {bad} |"
             )
-    for n, k in shapes[:2] if not args.quick else shapes:
-        t_r, m_r, _ = measure_cpu("rq4", n, k, "fp32", args.repeats)
-        t_n, m_n, _ = measure_cpu("rq4_naive", n, k, "fp32", args.repeats)
-        print(f"| rq depth 4 | fp32 | {n} | {k} | {t_r:.3f} | {m_r:.0f} | - | - | {t_n:.3f} | {m_n:.0f} | - |")
+    for n, k in shapes[:2]:
+        x, cb = inputs(n, k, torch.float32, "cpu")
+        t = interleaved_times({m: cpu_op(m, x, cb) for m in ("rq4", "rq4_naive")}, args.repeats)
+        m_r, m_n = peak_mb("rq4", n, k, "fp32"), peak_mb("rq4_naive", n, k, "fp32")
+        print(f"| rq depth 4 | fp32 | {n} | {k} | {t['rq4']:.3f} | {m_r:.0f} | - | - | {t['rq4_naive']:.3f} | {m_n:.0f} | - |")
 
 
 def main(argv=None):
@@ -218,10 +243,13 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="smallest shapes only, for a smoke run")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (GPU)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (GPU)")
+    parser.add_argument("--n", type=int, action="append", help="GPU: only this N (repeatable)")
+    parser.add_argument("--k", type=int, action="append", help="GPU: only this K (repeatable)")
+    parser.add_argument("--dtype", choices=list(DTYPES), action="append", help="GPU: only this dtype")
     args = parser.parse_args(argv)
     if args.repeats is None:
-        args.repeats = 3 if args.device == "cpu" else 20
+        args.repeats = 3 if args.device == "cpu" else 10
     if args.device == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda but torch.cuda.is_available() is False")

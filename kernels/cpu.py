@@ -6,7 +6,7 @@ visited in increasing index order and a later chunk replaces the running best on
 smaller, so ties keep the lowest index exactly as a single pass would.
 
 Peak extra memory of nearest_code is the workspace (`CHUNK_BYTES`, default 16 MiB), O(chunk x C)
-for upcast rows and a 64 MiB block for the final sqdist pass; never N x K. Blocks are kept square-ish (up to 2048 rows x 2048
+for upcast rows and a 32 MiB block for the final sqdist pass; never N x K. Blocks are kept square-ish (up to 2048 rows x 2048
 codes): MKL packs both operands on every call, so a block needs both dimensions large to run near
 GEMM speed (on 2 cores: ~22 GFLOP/s at 128 rows, ~57 at 1024, for 8192 codes and C=256).
 """
@@ -21,7 +21,7 @@ CHUNK_BYTES = 16 << 20
 # Codes per K-chunk; with CHUNK_BYTES this gives >= 2048 rows per block.
 MAX_K_CHUNK = 2048
 # Gathered fp32 rows per block of the final ||x - e_idx||^2 pass.
-SQDIST_CHUNK_BYTES = 64 << 20
+SQDIST_CHUNK_BYTES = 32 << 20
 
 
 def chunk_shape(n_rows: int, n_codes: int) -> tuple[int, int]:
@@ -56,8 +56,10 @@ def _search_block(x_rows_C, codebook_f32_KC, sqnorm_K, workspace, k_chunk):
 def _search(x_NC, codebook_KC, sqnorm_K, want_sqdist):
     N, K = x_NC.shape[0], codebook_KC.shape[0]
     codebook_f32 = codebook_KC.float()
-    if sqnorm_K is None:
-        sqnorm_K = ref.codebook_sqnorm(codebook_f32)
+    # Our own ||e||^2 doubles as the duplicate prefilter; a caller-supplied one is only trusted
+    # for the search itself.
+    own_sqnorm_K = ref.codebook_sqnorm(codebook_f32) if sqnorm_K is None else None
+    sqnorm_K = own_sqnorm_K if sqnorm_K is None else sqnorm_K
     n_chunk, k_chunk = chunk_shape(N, K)
     workspace = torch.empty(n_chunk * min(K, k_chunk), dtype=torch.float32)
     idx_N = torch.empty(N, dtype=torch.int64)
@@ -67,7 +69,7 @@ def _search(x_NC, codebook_KC, sqnorm_K, want_sqdist):
     # Per-row work that is O(C), not O(K), runs after the search in a few large blocks: with two
     # threads every parallel torch op has a fixed synchronisation cost (several ms when the cores
     # are shared), so fewer, larger ops are much faster than one set per search block.
-    ref.canonicalize_(idx_N, ref.lowest_duplicate(codebook_KC, CHUNK_BYTES))
+    ref.canonicalize_(idx_N, ref.lowest_duplicate(codebook_KC, CHUNK_BYTES, sqnorm_K=own_sqnorm_K))
     if not want_sqdist:
         return idx_N, None
     sqdist_N = torch.empty(N, dtype=torch.float32)

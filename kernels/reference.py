@@ -69,7 +69,7 @@ def _hash_rows(rows_RC: torch.Tensor, rows_per_chunk: int) -> torch.Tensor:
     return out_R
 
 
-def lowest_duplicate(codebook_KC: torch.Tensor, chunk_bytes: int = 16 << 20, hash_all: bool = False):
+def lowest_duplicate(codebook_KC: torch.Tensor, chunk_bytes: int = 16 << 20, hash_all: bool = False, sqnorm_K=None):
     """canon_K mapping each code to the lowest index holding the same vector, or None if all
     codes are distinct.
 
@@ -78,6 +78,7 @@ def lowest_duplicate(codebook_KC: torch.Tensor, chunk_bytes: int = 16 << 20, has
     is one sort of K floats. Candidates are then grouped by a hash of their bits (exact integer
     arithmetic, so order-independent) and verified. hash_all=True skips the ||e||^2 prefilter
     (used on GPU, where hashing every row is cheap and no reduction-order assumption is needed).
+    sqnorm_K: codebook_sqnorm(codebook_KC) if the caller already has it (never a user's value).
     """
     K, C = codebook_KC.shape
     if K < 2:
@@ -85,7 +86,8 @@ def lowest_duplicate(codebook_KC: torch.Tensor, chunk_bytes: int = 16 << 20, has
     if hash_all:
         cand_R = torch.arange(K, device=codebook_KC.device)
     else:
-        _, sq_inverse, sq_counts = torch.unique(codebook_sqnorm(codebook_KC), return_inverse=True, return_counts=True)
+        sqnorm_K = codebook_sqnorm(codebook_KC) if sqnorm_K is None else sqnorm_K
+        _, sq_inverse, sq_counts = torch.unique(sqnorm_K, return_inverse=True, return_counts=True)
         cand_R = torch.nonzero(sq_counts[sq_inverse] > 1).squeeze(1)
     if cand_R.numel() == 0:
         return None
@@ -118,17 +120,19 @@ def gather_codes(codebook_KC: torch.Tensor, idx_N: torch.Tensor) -> torch.Tensor
 
 
 def exact_sqdist(x_NC: torch.Tensor, codebook_KC: torch.Tensor, idx_N: torch.Tensor) -> torch.Tensor:
-    """||x - e_idx||^2 in fp32; NaN where idx is -1. In place on one N x C gather."""
+    """||x - e_idx||^2 in fp32; NaN where idx is -1. In place on one N x C gather; the row dot
+    goes through einsum (a batched GEMV) so no second N x C temporary is made."""
     diff_NC = codebook_KC.index_select(0, idx_N.clamp_min(0)).float().sub_(x_NC)
-    return torch.linalg.vecdot(diff_NC, diff_NC).masked_fill_(idx_N < 0, NAN)
+    return torch.einsum("nc,nc->n", diff_NC, diff_NC).masked_fill_(idx_N < 0, NAN)
 
 
 def nearest_code(x_NC, codebook_KC, codebook_sqnorm_K=None):
-    sqnorm_K = codebook_sqnorm(codebook_KC) if codebook_sqnorm_K is None else codebook_sqnorm_K
+    own_sqnorm_K = codebook_sqnorm(codebook_KC) if codebook_sqnorm_K is None else None
+    sqnorm_K = own_sqnorm_K if codebook_sqnorm_K is None else codebook_sqnorm_K
     d_NK = torch.empty(x_NC.shape[0], codebook_KC.shape[0], dtype=torch.float32, device=x_NC.device)
     surrogate_into(d_NK, x_NC, codebook_KC.float(), sqnorm_K)
     _, idx_N = masked_min(d_NK)
-    canonicalize_(idx_N, lowest_duplicate(codebook_KC))
+    canonicalize_(idx_N, lowest_duplicate(codebook_KC, sqnorm_K=own_sqnorm_K))
     return idx_N, exact_sqdist(x_NC, codebook_KC, idx_N)
 
 
