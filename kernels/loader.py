@@ -46,6 +46,24 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "tessera" / "kernels"
 
 
+def _usable_cuda_home(path) -> bool:
+    return bool(path) and (Path(path) / "include" / "cuda_runtime.h").is_file() and (Path(path) / "bin" / "nvcc").is_file()
+
+
+def resolve_cuda_home(torch_guess: str | None) -> str | None:
+    """$CUDA_HOME / $CUDA_PATH read now, else torch's guess, else /usr/local/cuda: the first that
+    holds both nvcc and the runtime headers.
+
+    torch caches its guess when cpp_extension is first imported (an env var set later is
+    ignored) and derives it from the directory of `nvcc` on PATH, which is wrong when that
+    nvcc is a wrapper script (e.g. /usr/local/bin/nvcc -> guess /usr/local, no headers there).
+    """
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), torch_guess, "/usr/local/cuda"):
+        if _usable_cuda_home(candidate):
+            return str(candidate)
+    return torch_guess
+
+
 def build(build_dir: str | os.PathLike | None = None, verbose: bool = False):
     """JIT-compile kernels/csrc into `build_dir` (default: cache_dir()) and import it.
 
@@ -57,6 +75,7 @@ def build(build_dir: str | os.PathLike | None = None, verbose: bool = False):
     build_path = Path(build_dir) if build_dir is not None else cache_dir()
     build_path.mkdir(parents=True, exist_ok=True)
     log_path = build_path / "build.log"
+    cpp_extension.CUDA_HOME = resolve_cuda_home(cpp_extension.CUDA_HOME)
     try:
         return cpp_extension.load(
             name=JIT_NAME,

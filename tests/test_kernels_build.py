@@ -55,6 +55,20 @@ def test_extension_compiles_and_exposes_ops(built_extension):
     print(f"codebook_search CUDA extension built in {seconds:.1f} s")
 
 
+def test_cuda_home_resolution_skips_a_wrapper_directory(tmp_path, monkeypatch):
+    # torch guesses CUDA_HOME from `which nvcc`; a wrapper script there gives a tree without headers.
+    fake = tmp_path / "cuda"
+    (fake / "include").mkdir(parents=True)
+    (fake / "bin").mkdir()
+    (fake / "include" / "cuda_runtime.h").write_text("")
+    (fake / "bin" / "nvcc").write_text("")
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("CUDA_HOME", str(fake))
+    assert loader.resolve_cuda_home("/usr/local") == str(fake)
+    monkeypatch.delenv("CUDA_HOME")
+    assert loader.resolve_cuda_home(str(fake)) == str(fake)
+
+
 def test_build_sources_are_the_ones_setup_py_compiles(built_extension):
     # setup.py's AOT CUDAExtension lists these two files: keep JIT and AOT builds identical.
     names = sorted(p.name for p in loader.SOURCES)
