@@ -126,26 +126,29 @@ def run_cuda(args):
     for k in ks:
         for n in ns:
             for name, dtype in dtypes.items():
-                x, cb = inputs(n, k, dtype, "cuda")
-                chunk = max(1, BASELINE_CHUNK_BYTES // (4 * k))
-                flop = 2.0 * n * k * C
-                t_ext = time_cuda(lambda: kernels.nearest_code(x, cb), args.warmup, args.repeats)
-                t_mm = maybe_time(lambda: torch_addmm_argmin(x, cb, chunk), args.warmup, args.repeats)
-                t_cd = maybe_time(lambda: torch_cdist_argmin(x, cb, chunk), args.warmup, args.repeats)
-                t_gemm = maybe_time(lambda: bare_gemm(x, cb, chunk), args.warmup, args.repeats)
-                bad = bad_rows(x, cb, kernels.nearest_code(x, cb)[0])
-                print(
-                    f"| nearest | {name} | {n} | {k} | {t_ext:.3f} | {t_mm:.3f} | {t_cd:.3f} | {t_mm / t_ext:.2f}x "
-                    f"| {t_cd / t_ext:.2f}x | {flop / t_ext / 1e9:.1f} | {flop / t_gemm / 1e9:.1f} | {bad} |"
-                )
-                t_rq = time_cuda(lambda: kernels.residual_quantize(x, cb, 4), args.warmup, args.repeats)
-                t_trq = maybe_time(lambda: torch_rq(x, cb, 4, chunk), args.warmup, args.repeats)
-                print(
-                    f"| rq depth 4 | {name} | {n} | {k} | {t_rq:.3f} | {t_trq:.3f} | - | {t_trq / t_rq:.2f}x | - "
-                    f"| {4 * flop / t_rq / 1e9:.1f} | {flop / t_gemm / 1e9:.1f} | - |"
-                )
-                del x, cb
-                torch.cuda.empty_cache()
+                for row in bench_cuda_shape(n, k, name, dtype, args):
+                    print(row)
+                torch.cuda.empty_cache()  # the shape's inputs are gone: start the next one clean
+
+
+def bench_cuda_shape(n, k, name, dtype, args):
+    """Table rows (nearest, rq depth 4) for one shape; inputs live only inside this call."""
+    x, cb = inputs(n, k, dtype, "cuda")
+    chunk = max(1, BASELINE_CHUNK_BYTES // (4 * k))
+    flop = 2.0 * n * k * C
+    t_ext = time_cuda(lambda: kernels.nearest_code(x, cb), args.warmup, args.repeats)
+    t_mm = maybe_time(lambda: torch_addmm_argmin(x, cb, chunk), args.warmup, args.repeats)
+    t_cd = maybe_time(lambda: torch_cdist_argmin(x, cb, chunk), args.warmup, args.repeats)
+    t_gemm = maybe_time(lambda: bare_gemm(x, cb, chunk), args.warmup, args.repeats)
+    bad = bad_rows(x, cb, kernels.nearest_code(x, cb)[0])
+    t_rq = time_cuda(lambda: kernels.residual_quantize(x, cb, 4), args.warmup, args.repeats)
+    t_trq = maybe_time(lambda: torch_rq(x, cb, 4, chunk), args.warmup, args.repeats)
+    return [
+        f"| nearest | {name} | {n} | {k} | {t_ext:.3f} | {t_mm:.3f} | {t_cd:.3f} | {t_mm / t_ext:.2f}x "
+        f"| {t_cd / t_ext:.2f}x | {flop / t_ext / 1e9:.1f} | {flop / t_gemm / 1e9:.1f} | {bad} |",
+        f"| rq depth 4 | {name} | {n} | {k} | {t_rq:.3f} | {t_trq:.3f} | - | {t_trq / t_rq:.2f}x | - "
+        f"| {4 * flop / t_rq / 1e9:.1f} | {flop / t_gemm / 1e9:.1f} | - |",
+    ]
 
 
 # ---------------------------------------------------------------------------------------- CPU

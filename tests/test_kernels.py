@@ -13,7 +13,6 @@ import kernels
 from kernels import cpu, loader
 from kernels import reference as ref
 
-EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-23, torch.float16: 2.0**-23}
 CUDA = torch.cuda.is_available()
 
 
