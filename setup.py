@@ -35,12 +35,14 @@ def _ext_modules():
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = [os.path.join("kernels", "csrc", name) for name in ("codebook_search.cpp", "codebook_search.cu")]
+    # Distinct stems: setuptools names objects by stem, so a .cpp and .cu sharing one would collide.
+    sources = [os.path.join("kernels", "csrc", name) for name in ("codebook_search.cpp", "codebook_search_kernels.cu")]
     ext = CUDAExtension(
         name="kernels._codebook_search_cuda",
         sources=sources,
         include_dirs=[os.path.join(here, "kernels", "csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        # No --use_fast_math: the JIT build (kernels/loader.py) leaves it out too, so both agree bit for bit.
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension}
 

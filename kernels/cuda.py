@@ -1,6 +1,6 @@
 """CUDA path: thin wrappers that prepare ||e||^2 and seeds and call the compiled extension.
 
-All heavy work is in kernels/csrc/codebook_search.cu. The extension is fetched lazily, so merely
+All heavy work is in kernels/csrc/codebook_search_kernels.cu. The extension is fetched lazily, so merely
 importing `kernels` never compiles anything.
 """
 from __future__ import annotations

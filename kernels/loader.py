@@ -17,7 +17,7 @@ from pathlib import Path
 AOT_MODULE = "kernels._codebook_search_cuda"
 JIT_NAME = "tessera_codebook_search"
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC_DIR / "codebook_search.cpp", CSRC_DIR / "codebook_search.cu")
+SOURCES = (CSRC_DIR / "codebook_search.cpp", CSRC_DIR / "codebook_search_kernels.cu")
 
 # No --use_fast_math: it flushes denormals and relaxes division, and the search promises fp32
 # results. -lineinfo costs nothing at run time and makes profiler output readable.

@@ -1,5 +1,5 @@
 // Interface between the torch-facing bindings (codebook_search.cpp, compiled by the host compiler)
-// and the kernels (codebook_search.cu, compiled by nvcc). Only plain pointers cross it, so the .cu
+// and the kernels (codebook_search_kernels.cu, compiled by nvcc). Only plain pointers cross it, so the .cu
 // never includes torch headers: that keeps nvcc fast and the kernels independent of ATen.
 #pragma once
 

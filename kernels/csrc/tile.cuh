@@ -1,6 +1,6 @@
 // Shared tile engine of the codebook-search kernels: stages BM rows of x (or of a resident fp32
 // residual) and BN codes into shared memory and accumulates their fp32 dot products into a
-// BM x BN tile. Header-only device code, included by codebook_search.cu.
+// BM x BN tile. Header-only device code, included by codebook_search_kernels.cu.
 #pragma once
 
 #include <cuda_bf16.h>
