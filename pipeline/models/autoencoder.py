@@ -14,10 +14,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+MIN_CHANNELS_PER_GROUP = 4
+
+
 def Normalize(channels: int) -> nn.GroupNorm:
-    # 32 groups as in VQGAN; tiny demo widths fall back to fewer groups that divide the channels.
+    # VQGAN's 32 groups assume >= 128 channels (4 per group). Narrower nets keep >= 4 channels per
+    # group: with 1 channel per group GroupNorm becomes InstanceNorm, which erases each image's
+    # per-channel mean -- its flat background colour -- so the decoder could not reproduce it.
     groups = 32
-    while channels % groups:
+    while groups > 1 and (channels % groups or channels // groups < MIN_CHANNELS_PER_GROUP):
         groups //= 2
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
