@@ -8,6 +8,7 @@ VQ is not a separate class: it is `RQTokenizer` with depth 1 (see quantizer.Vect
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 
 import torch
@@ -38,22 +39,27 @@ class TokenizerAux:
         return out
 
 
-class Tokenizer(nn.Module):
-    """Base class: the interface the trainers and the priors rely on."""
+class Tokenizer(nn.Module, abc.ABC):
+    """Abstract base: the interface the trainers and the priors rely on (a subclass that misses
+    a method cannot be instantiated)."""
 
     resolution: int
 
+    @abc.abstractmethod
     def encode(self, images_BCHW: torch.Tensor):
-        raise NotImplementedError
+        """images in [-1, 1] -> codes (RQ/VQ: LongTensor B,H,W,D; DQ: DQCodes)."""
 
+    @abc.abstractmethod
     def decode(self, codes) -> torch.Tensor:
-        raise NotImplementedError
+        """codes -> images (B, 3, R, R)."""
 
+    @abc.abstractmethod
     def codes_per_image(self, codes) -> torch.Tensor:
-        raise NotImplementedError
+        """LongTensor (B,): how many codes each image spends."""
 
+    @abc.abstractmethod
     def forward(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, TokenizerAux]:
-        raise NotImplementedError
+        """Training pass: (reconstruction, losses and stats)."""
 
     def get_last_layer(self) -> torch.Tensor:
         return self.decoder.last_layer
