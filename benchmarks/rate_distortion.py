@@ -1,0 +1,400 @@
+"""Benchmark: rate-distortion of the tokenizers (VQ / RQ / DQ) on the embedded dataset, equal budget.
+
+    python benchmarks/rate_distortion.py [--steps 360] [--force] [--resolution 32] [--out-dir runs/rate-distortion]
+                                         [--variants vq-fine,vq-coarse,rq-d2,rq-d4,dq-r0.5] [--quick]
+
+Everything goes through the real pipeline: `run_stage("shard", ...)` once into OUT_DIR/shared, then
+`run_stage("train_tokenizer", ...)` per variant in OUT_DIR/<variant> (whose `shard` folder is a
+symlink to the shared one), configs from `load_config("configs/demo-rq.yaml", overrides)`. All
+variants share steps, batch, lr, schedule, seed, base width (ch, z_channels), codebook size and the
+reconstruction loss (l2; the dq-demo preset's l1 is overridden so PSNR compares like with like).
+The budget (steps, batch, lr, warm-up) defaults to configs/demo-rq.yaml's; options override it.
+
+Per variant: codes per image, bits per image (codes x log2 K), val PSNR, codebook usage per depth
+and the two trivial baselines (from the train_tokenizer stage's own evaluation), plus a Frechet
+distance between reconstructions and originals on the val split, computed by torch-fidelity's
+statistics helpers over the 256-d features of a FIXED, seeded, RANDOMLY INITIALISED 4-layer conv
+net at native resolution (no Inception weights can be downloaded here). That "random-feature FD"
+is only comparable within one results table.
+
+Reruns are resumable: finished stages are skipped by the pipeline. Writes RESULTS_DIR/
+rate_distortion.json and rate_distortion.png (RESULTS_DIR: benchmarks/results, or OUT_DIR/results
+with --quick) and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from pipeline.artifacts import load_tokenizer  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data.reader import make_image_loader  # noqa: E402
+from pipeline.stage import run_stage  # noqa: E402
+from pipeline.train.tokenizer_eval import (downsample_baseline, mean_colour_baseline,  # noqa: E402
+                                           psnr_per_image)
+
+BASE_CONFIG = REPO / "configs" / "demo-rq.yaml"
+FEATURE_SEED = 20240617
+FEATURE_DIM = 256
+
+# name -> (kind of plot point, tokenizer overrides). Grids are those at 32 px; `label()` derives
+# the actual grid side from the resolution.
+VARIANTS: dict[str, list[str]] = {
+    "vq-fine": ["tokenizer.preset=vq-demo", "tokenizer.ch_mult=[1,2,2]"],        # 2 downsamplings: 8x8 at 32 px
+    "vq-coarse": ["tokenizer.preset=vq-demo"],                                   # ch_mult [1,2,2,4]: 4x4
+    "rq-d2": ["tokenizer.preset=rq-demo", "tokenizer.depth=2"],                  # 4x4x2
+    "rq-d4": ["tokenizer.preset=rq-demo", "tokenizer.depth=4"],                  # 4x4x4
+    "dq-r0.5": ["tokenizer.preset=dq-demo", "tokenizer.recon_loss=l2",           # coarse 4x4 / fine 8x8
+                "tokenizer.target_ratio=0.5"],
+    # Not in the default set: DQ with the preset's own l1 reconstruction loss.
+    "dq-r0.5-l1": ["tokenizer.preset=dq-demo", "tokenizer.target_ratio=0.5"],
+}
+DEFAULT_VARIANTS = ["vq-fine", "vq-coarse", "rq-d2", "rq-d4", "dq-r0.5"]
+
+
+def label(name: str, cfg) -> str:
+    t = cfg.tokenizer
+    side = cfg.data.resolution // t.downsample_factor
+    if t.kind == "vq":
+        return f"VQ {side}x{side}"
+    if t.kind == "rq":
+        return f"RQ {side}x{side}x{t.depth}"
+    extra = " (l1)" if t.recon_loss == "l1" else ""
+    return f"DQ {side}x{side}/{2 * side}x{2 * side} r={t.target_ratio:g}{extra}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Random-feature Frechet distance
+# ---------------------------------------------------------------------------------------------
+def random_feature_net(seed: int = FEATURE_SEED) -> nn.Module:
+    """4 conv layers (3->32->64->128->256, ReLU, strides 1,2,2,2) + global average pool -> 256-d.
+
+    Weights: Kaiming-normal from a private generator seeded by `seed` (independent of the global
+    RNG), biases zero; never trained. Fixed across variants, so distances are comparable in a table.
+    """
+    widths = [3, 32, 64, 128, FEATURE_DIM]
+    layers: list[nn.Module] = []
+    for i in range(4):
+        layers += [nn.Conv2d(widths[i], widths[i + 1], 3, stride=1 if i == 0 else 2, padding=1), nn.ReLU()]
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net:
+            if isinstance(module, nn.Conv2d):
+                fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * math.sqrt(2.0 / fan_in))
+                module.bias.zero_()
+    return net.eval()
+
+
+def frechet(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+    stats_a = fid_features_to_statistics(features_a.double().cpu())
+    stats_b = fid_features_to_statistics(features_b.double().cpu())
+    return float(fid_statistics_to_metric(stats_a, stats_b, verbose=False)[KEY_METRIC_FID])
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline
+# ---------------------------------------------------------------------------------------------
+def common_overrides(args) -> list[str]:
+    tc = "tokenizer_train"
+    return [f"data.resolution={args.resolution}", f"data.num_train={args.num_train}", f"data.num_val={args.num_val}",
+            f"{tc}.steps={args.steps}", f"{tc}.batch_size={args.batch_size}", f"{tc}.lr={args.lr}",
+            f"{tc}.warmup_steps={min(args.warmup_steps, max(0, args.steps - 1))}",
+            f"{tc}.checkpoint_every={max(1, args.steps // 3)}", f"{tc}.eval_images={args.num_val}",
+            f"seed={args.seed}", "name=rate-distortion"]
+
+
+def run_variant(name: str, args, shard_dir: Path) -> dict:
+    cfg = load_config(BASE_CONFIG, [*common_overrides(args), *VARIANTS[name]])
+    run_dir = args.out_dir / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    link = run_dir / "shard"
+    if not link.is_symlink():
+        link.symlink_to(shard_dir.resolve(), target_is_directory=True)
+    print(f"[rate-distortion] {name} ({label(name, cfg)}): train_tokenizer in {run_dir}", flush=True)
+    outcome = run_stage("train_tokenizer", cfg, run_dir, force=args.force)
+    record = outcome.record
+    t = cfg.tokenizer
+    return {"name": name, "label": label(name, cfg), "overrides": VARIANTS[name], "kind": t.kind,
+            "ch_mult": list(t.ch_mult), "depth": t.depth, "codebook_size": t.codebook_size,
+            "recon_loss": t.recon_loss, "grid": cfg.data.resolution // t.downsample_factor,
+            "stage_status": outcome.status, "train_wall_time_s": record["wall_time_s"],
+            "parameters": record["counts"]["parameters"], "stage_metrics": record["metrics"],
+            "run_dir": str(run_dir)}
+
+
+@torch.no_grad()
+def val_images(shard_dir: Path, split: str, limit: int) -> torch.Tensor:
+    loader = make_image_loader(shard_dir, split, 100, shuffle=False, drop_last=False)
+    chunks, n = [], 0
+    for batch in loader:
+        chunks.append(batch[0])
+        n += batch[0].shape[0]
+        if n >= limit:
+            break
+    return torch.cat(chunks)[:limit]
+
+
+@torch.no_grad()
+def features(net: nn.Module, images: torch.Tensor, batch: int = 200) -> torch.Tensor:
+    return torch.cat([net(images[i:i + batch].clamp(-1, 1)) for i in range(0, images.shape[0], batch)])
+
+
+@torch.no_grad()
+def reconstruct(run_dir: Path, images: torch.Tensor, codebook_size: int, batch: int = 100):
+    model = load_tokenizer(run_dir / "train_tokenizer")
+    recons, lengths, hist = [], [], None
+    for i in range(0, images.shape[0], batch):
+        codes = model.encode(images[i:i + batch])
+        recons.append(model.decode(codes).float())
+        lengths.append(model.codes_per_image(codes).double())
+        flat = codes.reshape(-1) if isinstance(codes, torch.Tensor) else torch.cat(
+            [s.reshape(-1) for s in codes.sequences])
+        h = torch.bincount(flat, minlength=codebook_size)
+        hist = h if hist is None else hist + h
+    return torch.cat(recons), torch.cat(lengths), hist
+
+
+def evaluate(variants: list[dict], shard_dir: Path, args) -> dict:
+    net = random_feature_net()
+    originals = val_images(shard_dir, "val", args.num_val)
+    feats_orig = features(net, originals)
+    reference = {"val_images": int(originals.shape[0])}
+    # Sampling-noise floor: the same number of *train* originals vs the val originals.
+    train = val_images(shard_dir, "train", originals.shape[0])
+    reference["fd_train_vs_val_originals"] = frechet(features(net, train), feats_orig)
+    reference["fd_mean_colour"] = frechet(features(net, mean_colour_baseline(originals)), feats_orig)
+    reference["psnr_mean_colour"] = float(psnr_per_image(mean_colour_baseline(originals), originals).mean())
+    for v in variants:
+        recon, lengths, hist = reconstruct(Path(v["run_dir"]), originals, v["codebook_size"])
+        bits = lengths * math.log2(v["codebook_size"])
+        down = torch.cat([downsample_baseline(img[None], float(b)) for img, b in zip(originals, bits)])
+        m = v["stage_metrics"]
+        depth_usage = [m[k] for k in sorted(m) if k.startswith("usage_d")]
+        v.update({
+            "codes_per_image": float(lengths.mean()),
+            "codes_per_image_min_max": [float(lengths.min()), float(lengths.max())],
+            "bits_per_image": float(bits.mean()),
+            # DQ also needs its granularity map (1 bit per coarse region) to decode; reported apart.
+            "side_info_bits": float(v["grid"] ** 2) if v["kind"] == "dq" else 0.0,
+            "psnr": m["psnr"],
+            "psnr_recheck": float(psnr_per_image(recon, originals).mean()),
+            "usage_per_depth": depth_usage,
+            "usage_all_depths": float((hist > 0).double().mean() * 100),
+            "fd_random_features": frechet(features(net, recon), feats_orig),
+            "psnr_baseline_mean_colour": m["psnr_baseline_mean_colour"],
+            "psnr_baseline_downsample": m["psnr_baseline_downsample"],
+            "downsample_side": int(math.floor(math.sqrt(float(bits.mean()) / 24.0))),
+            "fd_baseline_downsample": frechet(features(net, down), feats_orig),
+        })
+        if v["kind"] == "dq":
+            v["fine_ratio"] = (float(lengths.mean()) - v["grid"] ** 2) / (3 * v["grid"] ** 2)
+    # Time-sharing reference for DQ: a fixed-length coder that codes a fraction of the images on the
+    # coarse grid and the rest on the fine grid reaches any average length between the two; its mean
+    # per-image PSNR is then linear in the average length.
+    by_name = {v["name"]: v for v in variants}
+    if {"vq-coarse", "vq-fine"} <= set(by_name):
+        c, f = by_name["vq-coarse"], by_name["vq-fine"]
+        for v in variants:
+            if v["kind"] == "dq":
+                w = (v["codes_per_image"] - c["codes_per_image"]) / (f["codes_per_image"] - c["codes_per_image"])
+                v["psnr_time_sharing_vq"] = (1 - w) * c["psnr"] + w * f["psnr"]
+    return reference
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+def plot(variants: list[dict], reference: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    fig, (ax, ax_fd) = plt.subplots(1, 2, figsize=(11, 4.4))
+    colours = {"vq": "tab:blue", "rq": "tab:orange", "dq": "tab:green"}
+    xs = sorted({round(v["codes_per_image"], 1) for v in variants})
+    for axis, key in ((ax, "psnr"), (ax_fd, "fd_random_features")):
+        for v in variants:
+            axis.scatter(v["codes_per_image"], v[key], color=colours[v["kind"]], s=40, zorder=3)
+            axis.annotate(v["label"], (v["codes_per_image"], v[key]), textcoords="offset points", xytext=(5, 5),
+                          fontsize=8, color=colours[v["kind"]])
+        rq = sorted((v for v in variants if v["kind"] == "rq"), key=lambda v: v["depth"])
+        if len(rq) > 1:
+            axis.plot([v["codes_per_image"] for v in rq], [v[key] for v in rq], color=colours["rq"], zorder=2,
+                      label="RQ, depth 2 -> 4")
+        vq1 = [v for v in variants if v["name"] == "vq-coarse"]
+        if rq and vq1:  # VQ on the coarse grid is RQ with depth 1
+            axis.plot([vq1[0]["codes_per_image"], rq[0]["codes_per_image"]], [vq1[0][key], rq[0][key]], ":",
+                      color=colours["rq"], lw=1, zorder=2, label="depth 1 (= VQ coarse) -> 2")
+        base_key = "psnr_baseline_downsample" if key == "psnr" else "fd_baseline_downsample"
+        pts = sorted((v["codes_per_image"], v[base_key]) for v in variants)
+        axis.plot([p[0] for p in pts], [p[1] for p in pts], "x:", color="grey", zorder=1,
+                  label="blurred downsample, same bits")
+        axis.axhline(reference["psnr_mean_colour" if key == "psnr" else "fd_mean_colour"], color="grey", lw=0.8,
+                     ls="--", label="mean colour (24 bits)")
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(xs, [f"{x:g}" for x in xs])
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        if xs:
+            axis.set_xlim(xs[0] / 1.25, xs[-1] * 1.6)
+        axis.set_xlabel("codes per image (mean; 8 bits each)")
+        axis.grid(alpha=0.3)
+    vq = sorted((v for v in variants if v["kind"] == "vq"), key=lambda v: v["codes_per_image"])
+    if len(vq) == 2:
+        ax.plot([v["codes_per_image"] for v in vq], [v["psnr"] for v in vq], "--", color=colours["vq"], lw=0.8,
+                zorder=1, label="VQ 4x4 / 8x8 time-sharing")
+    ax_fd.axhline(reference["fd_train_vs_val_originals"], color="black", lw=0.8, ls="-.",
+                  label="floor: train vs val originals")
+    ax.set_ylabel("PSNR (dB, val; higher is better)")
+    ax.set_title("PSNR vs code length", fontsize=10)
+    ax_fd.set_yscale("log")
+    lo, hi = ax_fd.get_ylim()
+    ax_fd.set_yticks([t for t in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10, 20, 50, 100) if lo <= t <= hi])
+    ax_fd.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax_fd.yaxis.set_minor_formatter(NullFormatter())
+    ax_fd.set_ylabel("random-feature Frechet distance (lower is better)")
+    ax_fd.set_title("random-feature FD vs code length (untrained conv net; not FID)", fontsize=10)
+    for axis in (ax, ax_fd):
+        axis.legend(fontsize=7, loc="best", framealpha=0.9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_title(result: dict) -> str:
+    b = result["budget"]
+    k = result["variants"][0]["codebook_size"] if result["variants"] else "?"
+    return (f"Tokenizers on the embedded dataset, {b['resolution']} px, equal budget: {b['steps']} steps x batch "
+            f"{b['batch_size']}, lr {b['lr']:g}, K={k}, {b['num_val']} val images")
+
+
+def markdown_table(variants: list[dict], reference: dict) -> str:
+    rows = ["| variant | grid / depth | params | codes/image | bits/image | PSNR val (dB) | usage % per depth "
+            "| random-feature FD | downsample baseline: side, PSNR, FD | train s |",
+            "|---|---|---:|---:|---:|---:|---|---:|---|---:|"]
+    for v in variants:
+        usage = " / ".join(f"{u:.0f}" for u in v["usage_per_depth"])
+        codes = f"{v['codes_per_image']:.1f}"
+        if v["kind"] == "dq":
+            lo, hi = v["codes_per_image_min_max"]
+            codes += f" ({lo:.0f}-{hi:.0f})"
+        bits = f"{v['bits_per_image']:.0f}" + (f" (+{v['side_info_bits']:.0f} map)" if v["side_info_bits"] else "")
+        grid = f"{v['grid']}x{v['grid']}" + (f"/{2 * v['grid']}x{2 * v['grid']}" if v["kind"] == "dq" else "")
+        rows.append(f"| {v['label']} | {grid}, D={v['depth']} | {v['parameters'] / 1e6:.2f}M | {codes} | {bits} "
+                    f"| {v['psnr']:.2f} | {usage} | {v['fd_random_features']:.4g} "
+                    f"| {v['downsample_side']}x{v['downsample_side']}, {v['psnr_baseline_downsample']:.2f}, "
+                    f"{v['fd_baseline_downsample']:.4g} | {v['train_wall_time_s']:.0f} |")
+    rows.append(f"| mean colour (baseline) | - | - | - | 24 | {reference['psnr_mean_colour']:.2f} | - "
+                f"| {reference['fd_mean_colour']:.4g} | - | - |")
+    rows.append(f"| train vs val originals (FD floor) | - | - | - | - | - | - "
+                f"| {reference['fd_train_vs_val_originals']:.4g} | - | - |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per variant, equal for all (default: the base config's, 360)")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--out-dir", type=Path, default=None, help="run dirs (default runs/rate-distortion)")
+    parser.add_argument("--results-dir", type=Path, default=None,
+                        help="JSON + PNG (default benchmarks/results; OUT_DIR/results with --quick)")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the base config's (32)")
+    parser.add_argument("--lr", type=float, default=None, help="default: the base config's (2e-4)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="default: the base config's (20)")
+    parser.add_argument("--num-train", type=int, default=2000)
+    parser.add_argument("--num-val", type=int, default=1000,
+                        help="val images (PSNR and FD use all of them; > 256 keeps the feature covariance full rank)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="master seed (data, init, order): a replicate with another seed also renders other images")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: on a shared 2-core machine, 2 threads per process "
+                             "oversubscribe the cores and a step gets 2-4x slower)")
+    parser.add_argument("--force", action="store_true",
+                        help="discard train_tokenizer outputs in OUT_DIR trained with a different config")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the PNG and reprint the table from RESULTS_DIR/rate_distortion.json")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 steps, 64 val images, own out dir")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.num_val, args.num_train, args.warmup_steps = 4, 64, 256, 1
+    # The training budget defaults to the demo config's, identical for every variant.
+    demo = load_config(BASE_CONFIG).tokenizer_train
+    for name in ("steps", "batch_size", "lr", "warmup_steps"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(demo, name))
+    args.out_dir = args.out_dir or REPO / ("runs/rate-distortion-quick" if args.quick else "runs/rate-distortion")
+    results_dir = args.results_dir or (args.out_dir / "results" if args.quick else REPO / "benchmarks" / "results")
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+
+    if args.replot:
+        result = json.loads((results_dir / "rate_distortion.json").read_text())
+        plot(result["variants"], result["reference"], results_dir / "rate_distortion.png", plot_title(result))
+        print(markdown_table(result["variants"], result["reference"]))
+        return
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    base_cfg = load_config(BASE_CONFIG, common_overrides(args))
+    shard_run = args.out_dir / "shared"
+    print(f"[rate-distortion] shard stage in {shard_run}", flush=True)
+    run_stage("shard", base_cfg, shard_run)
+    shard_dir = shard_run / "shard"
+    variants = [run_variant(name, args, shard_dir) for name in names]
+    print("[rate-distortion] evaluating reconstructions (random-feature FD)", flush=True)
+    reference = evaluate(variants, shard_dir, args)
+    elapsed = time.time() - start
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/rate_distortion.py " + " ".join(sys.argv[1:])
+    tc = base_cfg.tokenizer_train
+    result = {
+        "command": command.strip(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "budget": {"steps": tc.steps, "batch_size": tc.batch_size, "lr": tc.lr, "betas": tc.betas,
+                   "warmup_steps": tc.warmup_steps, "schedule": "warmup + cosine to 0", "seed": base_cfg.seed,
+                   "resolution": base_cfg.data.resolution, "num_train": base_cfg.data.num_train,
+                   "num_val": base_cfg.data.num_val, "base_config": "configs/demo-rq.yaml",
+                   "common_overrides": common_overrides(args)},
+        "feature_net": {"description": "random-feature Frechet distance: 4 conv layers 3-32-64-128-256 (3x3, "
+                                       "strides 1,2,2,2, ReLU), global average pool, Kaiming-normal init seeded "
+                                       f"{FEATURE_SEED}, untrained; stats by torch_fidelity.metric_fid",
+                        "dim": FEATURE_DIM, "seed": FEATURE_SEED},
+        "reference": reference,
+        "variants": variants,
+        "total_wall_time_s": round(elapsed, 1),
+    }
+    (results_dir / "rate_distortion.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(variants, reference, results_dir / "rate_distortion.png", plot_title(result))
+    print(markdown_table(variants, reference))
+    print(f"[rate-distortion] total {elapsed:.0f} s; results in {results_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
