@@ -6,9 +6,15 @@ from pathlib import Path
 from .rundir import RunDir
 
 
+# Shown first when a stage reports them (done.json stores keys sorted, which would bury them).
+KEY_METRICS = ("psnr", "psnr_baseline_mean_colour", "psnr_baseline_downsample", "fid", "tokenizer_eval_psnr")
+
+
 def _fmt_mapping(d: dict, limit: int = 4) -> str:
     items = []
-    for key, value in list(d.items())[:limit]:
+    rank = {key: i for i, key in enumerate(KEY_METRICS)}
+    ordered = sorted(d.items(), key=lambda kv: rank.get(kv[0], len(KEY_METRICS)))  # stable: others keep order
+    for key, value in ordered[:limit]:
         if isinstance(value, float):
             value = f"{value:.4g}"
         items.append(f"{key}={value}")

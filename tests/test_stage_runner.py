@@ -114,6 +114,16 @@ def test_status_table(tmp_path, fake_stage, cfg):
     assert any(line.startswith("train_tokenizer") and "not started" in line for line in lines)
 
 
+def test_status_shows_key_metrics_first():
+    from pipeline.status import _fmt_mapping
+
+    # done.json keys come sorted; psnr must not be pushed past the 4 shown by alphabetical neighbours.
+    metrics = {"codes_per_image": 64, "eval_images": 200, "perplexity_d0": 52.6, "perplexity_d1": 153.1,
+               "psnr": 20.47, "psnr_baseline_mean_colour": 19.97, "usage_d0": 23.0}
+    assert _fmt_mapping(metrics) == ("psnr=20.47 psnr_baseline_mean_colour=19.97 codes_per_image=64 "
+                                     "eval_images=200")
+
+
 def test_cli_reports_user_errors_without_traceback(tmp_path, capsys, repo_root):
     rc = cli_main(["run", str(repo_root / "configs/demo-rq.yaml"), "--run-dir", str(tmp_path), "data.resolutio=3"])
     err = capsys.readouterr().err
