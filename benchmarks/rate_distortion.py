@@ -7,7 +7,7 @@ Everything goes through the real pipeline: `run_stage("shard", ...)` once into O
 `run_stage("train_tokenizer", ...)` per variant in OUT_DIR/<variant> (whose `shard` folder is a
 symlink to the shared one), configs from `load_config("configs/demo-rq.yaml", overrides)`. All
 variants share steps, batch, lr, schedule, seed, base width (ch, z_channels), codebook size and the
-reconstruction loss (l2; the dq-demo preset's l1 is overridden so PSNR compares like with like).
+reconstruction loss (l2, so PSNR compares like with like).
 The budget (steps, batch, lr, warm-up) defaults to configs/demo-rq.yaml's; options override it.
 
 Per variant: codes per image, bits per image (codes x log2 K), val PSNR, codebook usage per depth
@@ -58,10 +58,9 @@ VARIANTS: dict[str, list[str]] = {
     "vq-coarse": ["tokenizer.preset=vq-demo"],                                   # ch_mult [1,2,2,4]: 4x4
     "rq-d2": ["tokenizer.preset=rq-demo", "tokenizer.depth=2"],                  # 4x4x2
     "rq-d4": ["tokenizer.preset=rq-demo", "tokenizer.depth=4"],                  # 4x4x4
-    "dq-r0.5": ["tokenizer.preset=dq-demo", "tokenizer.recon_loss=l2",           # coarse 4x4 / fine 8x8
-                "tokenizer.target_ratio=0.5"],
-    # Not in the default set: DQ with the preset's own l1 reconstruction loss.
-    "dq-r0.5-l1": ["tokenizer.preset=dq-demo", "tokenizer.target_ratio=0.5"],
+    "dq-r0.5": ["tokenizer.preset=dq-demo", "tokenizer.target_ratio=0.5"],       # coarse 4x4 / fine 8x8
+    # Not in the default set: DQ with an l1 reconstruction loss (the paper preset's).
+    "dq-r0.5-l1": ["tokenizer.preset=dq-demo", "tokenizer.target_ratio=0.5", "tokenizer.recon_loss=l1"],
 }
 DEFAULT_VARIANTS = ["vq-fine", "vq-coarse", "rq-d2", "rq-d4", "dq-r0.5"]
 

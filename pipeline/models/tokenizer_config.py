@@ -103,5 +103,5 @@ TOKENIZER_PRESETS: dict[str, dict] = {
                     codebook_size=256, depth=1, lpips_weight=0.0, gan_weight=0.0, recon_loss="l2"),
     "dq-demo": dict(kind="dq", ch=32, ch_mult=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[], z_channels=32,
                     codebook_size=256, depth=1, granularities=2, router="learned", target_ratio=0.5,
-                    budget_weight=10.0, lpips_weight=0.0, gan_weight=0.0, recon_loss="l1"),
+                    budget_weight=10.0, lpips_weight=0.0, gan_weight=0.0, recon_loss="l2"),
 }

@@ -1,0 +1,25 @@
+"""Smoke runs of the benchmark scripts, so they cannot rot unnoticed (timings are never asserted)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_rate_distortion_quick(tmp_path):
+    variants = "vq-coarse,rq-d2,dq-r0.5"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/rate_distortion.py"), "--quick",
+                           "--out-dir", str(tmp_path), "--variants", variants],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "results/rate_distortion.json").read_text())
+    by_name = {v["name"]: v for v in result["variants"]}
+    assert sorted(by_name) == sorted(variants.split(","))
+    assert by_name["vq-coarse"]["codes_per_image"] == 16 and by_name["rq-d2"]["codes_per_image"] == 32
+    assert 16 <= by_name["dq-r0.5"]["codes_per_image"] <= 64          # between all-coarse and all-fine
+    assert by_name["rq-d2"]["bits_per_image"] == 32 * 8                # K = 256
+    for v in result["variants"]:
+        assert v["psnr"] > 5 and v["fd_random_features"] > 0 and v["train_wall_time_s"] > 0
+    assert (tmp_path / "results/rate_distortion.png").stat().st_size > 10_000
+    assert "| RQ 4x4x2 |" in proc.stdout                              # the markdown table is printed
