@@ -8,12 +8,12 @@ from .rundir import RunDir
 
 # Shown first when a stage reports them (done.json stores keys sorted, which would bury them).
 KEY_METRICS = ("psnr", "psnr_baseline_mean_colour", "psnr_baseline_downsample", "fid", "tokenizer_eval_psnr")
+_KEY_RANK = {key: i for i, key in enumerate(KEY_METRICS)}
 
 
 def _fmt_mapping(d: dict, limit: int = 4) -> str:
     items = []
-    rank = {key: i for i, key in enumerate(KEY_METRICS)}
-    ordered = sorted(d.items(), key=lambda kv: rank.get(kv[0], len(KEY_METRICS)))  # stable: others keep order
+    ordered = sorted(d.items(), key=lambda kv: _KEY_RANK.get(kv[0], len(KEY_METRICS)))  # stable: others keep order
     for key, value in ordered[:limit]:
         if isinstance(value, float):
             value = f"{value:.4g}"
