@@ -140,7 +140,8 @@ def run_variant(name: str, args, shard_dir: Path) -> dict:
 
 
 @torch.no_grad()
-def val_images(shard_dir: Path, split: str, limit: int) -> torch.Tensor:
+def first_images(shard_dir: Path, split: str, limit: int) -> torch.Tensor:
+    """The first `limit` images of a split in stored order."""
     loader = make_image_loader(shard_dir, split, 100, shuffle=False, drop_last=False)
     chunks, n = [], 0
     for batch in loader:
@@ -173,14 +174,15 @@ def reconstruct(run_dir: Path, images: torch.Tensor, codebook_size: int, batch: 
 
 def evaluate(variants: list[dict], shard_dir: Path, args) -> dict:
     net = random_feature_net()
-    originals = val_images(shard_dir, "val", args.num_val)
+    originals = first_images(shard_dir, "val", args.num_val)
     feats_orig = features(net, originals)
     reference = {"val_images": int(originals.shape[0])}
     # Sampling-noise floor: the same number of *train* originals vs the val originals.
-    train = val_images(shard_dir, "train", originals.shape[0])
+    train = first_images(shard_dir, "train", originals.shape[0])
     reference["fd_train_vs_val_originals"] = frechet(features(net, train), feats_orig)
-    reference["fd_mean_colour"] = frechet(features(net, mean_colour_baseline(originals)), feats_orig)
-    reference["psnr_mean_colour"] = float(psnr_per_image(mean_colour_baseline(originals), originals).mean())
+    mean_colour = mean_colour_baseline(originals)
+    reference["fd_mean_colour"] = frechet(features(net, mean_colour), feats_orig)
+    reference["psnr_mean_colour"] = float(psnr_per_image(mean_colour, originals).mean())
     for v in variants:
         recon, lengths, hist = reconstruct(Path(v["run_dir"]), originals, v["codebook_size"])
         bits = lengths * math.log2(v["codebook_size"])
