@@ -91,6 +91,34 @@ def test_paper_architectures_encode_decode_at_256px_when_narrowed(preset):
         assert codes.granularity_BHcWc.shape == (1, 16, 16) and codes.code_map_BHW.shape == (1, 32, 32)
 
 
+@pytest.mark.parametrize("kind", ["rq", "dq"])
+def test_patch_size_folds_pixel_patches_into_channels(kind):
+    over = dict(ch=8, ch_mult=[1, 2], z_channels=8, codebook_size=16, patch_size=2)
+    cfg = cfg_of("rq-demo" if kind == "rq" else "dq-demo", **over)
+    assert cfg.downsample_factor == 4  # patch_size x 2 ** (len(ch_mult) - 1)
+    torch.manual_seed(0)
+    model = build_tokenizer(cfg, 16)
+    trunk = model.encoder.trunk if kind == "rq" else model.trunk
+    assert trunk.conv_in.in_channels == 3 * 2 * 2 and trunk.level_sides == [8, 4]
+    assert model.decoder.conv_out.out_channels == 3 * 2 * 2
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    # The stem is a pure rearrangement: channel (c, i, j) of stem cell (y, x) is pixel (c, 2y+i, 2x+j).
+    folded = trunk.stem(x)
+    assert torch.equal(folded[:, 3 * 2 * 2 - 1, 1, 2], x[:, 2, 3, 5])
+    recon, aux = model(x)
+    assert recon.shape == x.shape
+    (recon.square().mean() + aux.quant_loss + aux.budget_loss).backward()
+    assert trunk.conv_in.weight.grad.abs().sum() > 0
+    codes = model.eval().encode(x)
+    if kind == "rq":
+        assert codes.shape == (2, 4, 4, cfg.depth)
+    else:
+        assert codes.granularity_BHcWc.shape == (2, 4, 4) and codes.code_map_BHW.shape == (2, 8, 8)
+    assert model.decode(codes).shape == x.shape
+    with pytest.raises(ConfigError, match="patch_size"):
+        build_tokenizer(cfg, 18)
+
+
 def _tiny_dq(**over):
     base = dict(kind="dq", ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=8,
                 codebook_size=32, depth=1, lpips_weight=0.0, gan_weight=0.0)

@@ -1,9 +1,15 @@
 """VQGAN-style convolutional encoder/decoder shared by the VQ, RQ and DQ tokenizers.
 
-Layout (encoder): conv_in -> one level per `ch_mult` entry (num_res_blocks ResnetBlocks, attention
+Layout (encoder): [pixel-unshuffle stem] -> conv_in -> one level per `ch_mult` entry (num_res_blocks ResnetBlocks, attention
 where the feature side is in `attn_resolutions`, Downsample after every level but the last) ->
 head (mid: res/attn/res, GroupNorm, SiLU, conv_out to z_channels). The trunk and the head are
 separate modules because DQ attaches two heads (fine and coarse) to one trunk.
+
+`patch_size` p > 1 folds each p x p pixel patch into channels before conv_in (PixelUnshuffle) and
+unfolds the decoder's output the same way (PixelShuffle), so every level runs at R/p: the total
+downsampling is p * 2**(len(ch_mult)-1). With p = 1 this is exactly VQGAN's layout. At small
+resolutions it moves the compute from the full-resolution levels (a few channels over many
+pixels) to the latent side, where a few hundred optimizer steps go much further (README: demos).
 """
 from __future__ import annotations
 
@@ -102,12 +108,13 @@ class EncoderTrunk(nn.Module):
 
     def __init__(self, *, resolution: int, ch: int, ch_mult: list[int], num_res_blocks: int,
                  attn_resolutions: list[int], dropout: float = 0.0, in_channels: int = 3,
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False, patch_size: int = 1):
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.stem = nn.PixelUnshuffle(patch_size) if patch_size > 1 else nn.Identity()
+        self.conv_in = nn.Conv2d(in_channels * patch_size ** 2, ch, 3, padding=1)
         self.levels, self.downs = nn.ModuleList(), nn.ModuleList()
         self.level_channels, self.level_sides = [], []
-        side, in_ch = resolution, ch
+        side, in_ch = resolution // patch_size, ch
         for i, mult in enumerate(ch_mult):
             out_ch, blocks = ch * mult, []
             for _ in range(num_res_blocks):
@@ -123,7 +130,7 @@ class EncoderTrunk(nn.Module):
                 side //= 2
 
     def forward(self, x_BCHW: torch.Tensor) -> list[torch.Tensor]:
-        h, outs = self.conv_in(x_BCHW), []
+        h, outs = self.conv_in(self.stem(x_BCHW)), []
         for i, level in enumerate(self.levels):
             h = level(h)
             outs.append(h)
@@ -146,15 +153,15 @@ class EncoderHead(nn.Module):
 
 
 class Encoder(nn.Module):
-    """images (B,3,R,R) -> z (B, z_channels, R/f, R/f) with f = 2**(len(ch_mult)-1)."""
+    """images (B,3,R,R) -> z (B, z_channels, R/f, R/f) with f = patch_size * 2**(len(ch_mult)-1)."""
 
     def __init__(self, *, resolution: int, ch: int, ch_mult: list[int], num_res_blocks: int,
                  attn_resolutions: list[int], z_channels: int, dropout: float = 0.0, in_channels: int = 3,
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False, patch_size: int = 1):
         super().__init__()
         self.trunk = EncoderTrunk(resolution=resolution, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
                                   attn_resolutions=attn_resolutions, dropout=dropout, in_channels=in_channels,
-                                  grad_checkpointing=grad_checkpointing)
+                                  grad_checkpointing=grad_checkpointing, patch_size=patch_size)
         self.head = EncoderHead(self.trunk.level_channels[-1], z_channels, dropout, grad_checkpointing)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
@@ -166,9 +173,9 @@ class Decoder(nn.Module):
 
     def __init__(self, *, resolution: int, ch: int, ch_mult: list[int], num_res_blocks: int,
                  attn_resolutions: list[int], z_channels: int, dropout: float = 0.0, out_channels: int = 3,
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False, patch_size: int = 1):
         super().__init__()
-        side = resolution // 2 ** (len(ch_mult) - 1)
+        side = resolution // (patch_size * 2 ** (len(ch_mult) - 1))
         in_ch = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, in_ch, 3, padding=1)
         self.mid = _Checkpointed(_mid_blocks(in_ch, dropout), grad_checkpointing)
@@ -185,7 +192,8 @@ class Decoder(nn.Module):
                 self.ups.append(Upsample(out_ch))
                 side *= 2
         self.norm_out = Normalize(in_ch)
-        self.conv_out = nn.Conv2d(in_ch, out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(in_ch, out_channels * patch_size ** 2, 3, padding=1)
+        self.unstem = nn.PixelShuffle(patch_size) if patch_size > 1 else nn.Identity()
 
     def forward(self, z_BCHW: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z_BCHW))
@@ -193,7 +201,7 @@ class Decoder(nn.Module):
             h = level(h)
             if i < len(self.ups):
                 h = self.ups[i](h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.unstem(self.conv_out(F.silu(self.norm_out(h))))
 
     @property
     def last_layer(self) -> torch.Tensor:

@@ -22,5 +22,5 @@ def build_tokenizer(cfg: TokenizerConfig, resolution: int) -> Tokenizer:
     f = cfg.downsample_factor
     if resolution % f or (cfg.kind == "dq" and (resolution // f) < 1):
         raise ConfigError(f"tokenizer.ch_mult: resolution {resolution} is not divisible by the downsampling "
-                          f"factor {f} (2 ** (len(ch_mult) - 1))")
+                          f"factor {f} (patch_size x 2 ** (len(ch_mult) - 1))")
     return TOKENIZER_BUILDERS[cfg.kind](cfg, resolution)

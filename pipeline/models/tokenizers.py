@@ -68,7 +68,7 @@ class Tokenizer(nn.Module, abc.ABC):
 def _arch_kwargs(cfg) -> dict:
     return dict(ch=cfg.ch, ch_mult=list(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
                 attn_resolutions=list(cfg.attn_resolutions), dropout=cfg.dropout,
-                grad_checkpointing=cfg.grad_checkpointing)
+                grad_checkpointing=cfg.grad_checkpointing, patch_size=cfg.patch_size)
 
 
 def quantizer_kwargs(cfg) -> dict:
