@@ -25,7 +25,8 @@ from pipeline.stage import StageError, available_stages, run_stage
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "data.resolution=16", "data.num_train=64", "data.num_val=16", "data.shard_max_count=32",
-    "tokenizer.ch=8", "tokenizer.ch_mult=[1,2]", "tokenizer.z_channels=8", "tokenizer.codebook_size=32",
+    "tokenizer.ch=8", "tokenizer.ch_mult=[1,2]", "tokenizer.patch_size=1", "tokenizer.z_channels=8",
+    "tokenizer.codebook_size=32",
     "tokenizer_train.batch_size=8", "tokenizer_train.eval_images=16", "tokenizer_train.steps=2",
     "precompute.batch_size=8", "precompute.verify_images=8",
 ]

@@ -16,7 +16,8 @@ from pipeline.artifacts import load_tokenizer
 
 TINY = [
     "data.resolution=16", "data.num_train=64", "data.num_val=16", "data.shard_max_count=32",
-    "tokenizer.ch=8", "tokenizer.ch_mult=[1,2]", "tokenizer.z_channels=8", "tokenizer.codebook_size=32",
+    "tokenizer.ch=8", "tokenizer.ch_mult=[1,2]", "tokenizer.patch_size=1", "tokenizer.z_channels=8",
+    "tokenizer.codebook_size=32",
     "tokenizer_train.batch_size=8", "tokenizer_train.eval_images=16", "tokenizer_train.warmup_steps=2",
 ]
 
@@ -125,7 +126,7 @@ def test_two_process_step_equals_one_process(tmp_path):
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     init = weights_at_init(tmp_path / "one")
     assert one.keys() == two.keys()
-    lr = 2e-3  # demo-rq's lr: Adam's first step moves each weight by at most lr
+    lr = 2e-3  # >= demo-rq's lr (2e-4): Adam's first step moves each weight by at most lr
     for key in one:
         if one[key].dtype == torch.bool:
             assert torch.equal(one[key], two[key]), key
