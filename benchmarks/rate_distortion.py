@@ -1,6 +1,6 @@
 """Benchmark: rate-distortion of the tokenizers (VQ / RQ / DQ) on the embedded dataset, equal budget.
 
-    python benchmarks/rate_distortion.py [--steps 360] [--force] [--resolution 32] [--out-dir runs/rate-distortion]
+    python benchmarks/rate_distortion.py [--steps N] [--force] [--resolution 32] [--out-dir runs/rate-distortion]
                                          [--variants vq-fine,vq-coarse,rq-d2,rq-d4,dq-r0.5] [--quick]
 
 Everything goes through the real pipeline: `run_stage("shard", ...)` once into OUT_DIR/shared, then
@@ -54,8 +54,8 @@ FEATURE_DIM = 256
 # name -> (kind of plot point, tokenizer overrides). Grids are those at 32 px; `label()` derives
 # the actual grid side from the resolution.
 VARIANTS: dict[str, list[str]] = {
-    "vq-fine": ["tokenizer.preset=vq-demo", "tokenizer.ch_mult=[1,2,2]"],        # 2 downsamplings: 8x8 at 32 px
-    "vq-coarse": ["tokenizer.preset=vq-demo"],                                   # ch_mult [1,2,2,4]: 4x4
+    "vq-fine": ["tokenizer.preset=vq-demo", "tokenizer.patch_size=2"],           # 2 x 2**1 downsampling: 8x8 at 32 px
+    "vq-coarse": ["tokenizer.preset=vq-demo"],                                   # 4 x 2**1: 4x4
     "rq-d2": ["tokenizer.preset=rq-demo", "tokenizer.depth=2"],                  # 4x4x2
     "rq-d4": ["tokenizer.preset=rq-demo", "tokenizer.depth=4"],                  # 4x4x4
     "dq-r0.5": ["tokenizer.preset=dq-demo", "tokenizer.target_ratio=0.5"],       # coarse 4x4 / fine 8x8
@@ -132,7 +132,7 @@ def run_variant(name: str, args, shard_dir: Path) -> dict:
     record = outcome.record
     t = cfg.tokenizer
     return {"name": name, "label": label(name, cfg), "overrides": VARIANTS[name], "kind": t.kind,
-            "ch_mult": list(t.ch_mult), "depth": t.depth, "codebook_size": t.codebook_size,
+            "ch_mult": list(t.ch_mult), "patch_size": t.patch_size, "depth": t.depth, "codebook_size": t.codebook_size,
             "recon_loss": t.recon_loss, "grid": cfg.data.resolution // t.downsample_factor,
             "stage_status": outcome.status, "train_wall_time_s": record["wall_time_s"],
             "parameters": record["counts"]["parameters"], "stage_metrics": record["metrics"],
@@ -315,16 +315,16 @@ def markdown_table(variants: list[dict], reference: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per variant, equal for all (default: the base config's, 360)")
+                        help="optimizer steps per variant, equal for all (default: the base config's)")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--out-dir", type=Path, default=None, help="run dirs (default runs/rate-distortion)")
     parser.add_argument("--results-dir", type=Path, default=None,
                         help="JSON + PNG (default benchmarks/results; OUT_DIR/results with --quick)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated subset of {', '.join(VARIANTS)}")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the base config's (32)")
-    parser.add_argument("--lr", type=float, default=None, help="default: the base config's (2e-4)")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="default: the base config's (20)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the base config's")
+    parser.add_argument("--lr", type=float, default=None, help="default: the base config's")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="default: the base config's")
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--num-val", type=int, default=1000,
                         help="val images (PSNR and FD use all of them; > 256 keeps the feature covariance full rank)")
