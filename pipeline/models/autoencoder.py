@@ -1,15 +1,15 @@
 """VQGAN-style convolutional encoder/decoder shared by the VQ, RQ and DQ tokenizers.
 
-Layout (encoder): [pixel-unshuffle stem] -> conv_in -> one level per `ch_mult` entry (num_res_blocks ResnetBlocks, attention
-where the feature side is in `attn_resolutions`, Downsample after every level but the last) ->
-head (mid: res/attn/res, GroupNorm, SiLU, conv_out to z_channels). The trunk and the head are
-separate modules because DQ attaches two heads (fine and coarse) to one trunk.
+Layout (encoder): [pixel-unshuffle stem] -> conv_in -> one level per `ch_mult` entry (num_res_blocks
+ResnetBlocks, attention where the feature side is in `attn_resolutions`, Downsample after every level
+but the last) -> head (mid: res/attn/res, GroupNorm, SiLU, conv_out to z_channels). The trunk and
+the head are separate modules because DQ attaches two heads (fine and coarse) to one trunk.
 
 `patch_size` p > 1 folds each p x p pixel patch into channels before conv_in (PixelUnshuffle) and
 unfolds the decoder's output the same way (PixelShuffle), so every level runs at R/p: the total
 downsampling is p * 2**(len(ch_mult)-1). With p = 1 this is exactly VQGAN's layout. At small
-resolutions it moves the compute from the full-resolution levels (a few channels over many
-pixels) to the latent side, where a few hundred optimizer steps go much further (README: demos).
+resolutions it drops the full-resolution levels (few channels over many pixels), which cost as
+much compute as the rest together: a fixed CPU budget then buys twice the steps (README: demos).
 """
 from __future__ import annotations
 
