@@ -22,7 +22,8 @@ class TokenizerConfig:
     attn_resolutions: list[int] = option([8], "feature-map sides that get self-attention", ge=1)
     z_channels: int = option(256, "latent (code vector) dimension", ge=1)
     patch_size: int = option(1, "pixel-unshuffle stem: p x p pixel patches folded into channels before the first "
-                                "conv (and unfolded after the last), so all levels run at R/p; 1 = plain VQGAN", ge=1, le=16)
+                                "conv (and unfolded after the last), so all levels run at R/p; 1 = plain VQGAN",
+                         ge=1, le=16)
     dropout: float = option(0.0, "dropout in residual blocks", ge=0.0, le=1.0)
     grad_checkpointing: bool = option(False, "recompute encoder/decoder activations in backward to save memory")
     # Quantizer.
