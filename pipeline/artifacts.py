@@ -18,6 +18,9 @@ from .models.tokenizer_config import TokenizerConfig
 
 TOKENIZER_WEIGHTS = "tokenizer.safetensors"
 TOKENIZER_CONFIG = "tokenizer.json"
+# Options removed since a tokenizer could have been exported with them; none shaped the model,
+# so an older export still loads (any other unknown key is an error, as in a user config).
+_REMOVED_TOKENIZER_KEYS = ("preset", "disc_sync_bn")
 
 
 def save_tokenizer(model: torch.nn.Module, cfg: TokenizerConfig, resolution: int, folder: str | Path) -> None:
@@ -31,7 +34,8 @@ def load_tokenizer(folder: str | Path, device: str | torch.device = "cpu") -> to
     """Rebuild the exported tokenizer from its config and load its weights (eval mode)."""
     folder = Path(folder)
     meta = read_json(folder / TOKENIZER_CONFIG)
-    cfg = build_section(TokenizerConfig, {k: v for k, v in meta["tokenizer"].items() if k != "preset"}, "tokenizer")
+    fields = {k: v for k, v in meta["tokenizer"].items() if k not in _REMOVED_TOKENIZER_KEYS}
+    cfg = build_section(TokenizerConfig, fields, "tokenizer")
     model = build_tokenizer(cfg, meta["resolution"])
     load_model(model, str(folder / TOKENIZER_WEIGHTS), device=str(device))
     return model.to(device).eval()

@@ -15,14 +15,16 @@ import yaml
 
 from .configschema import ConfigError, build_section, describe, option
 from .io import sha256_json
+from .models.prior_config import PriorConfig
 from .models.tokenizer_config import TokenizerConfig
-from .sections import (DataConfig, LauncherConfig, PrecomputeConfig, PriorConfig, SampleConfig, ScoreConfig,
-                       TrainConfig)
+from .sections import DataConfig, LauncherConfig, PrecomputeConfig, SampleConfig, ScoreConfig, TrainConfig
 
 
 # Keys that change how a stage runs, never what it produces: excluded from every stage's hash,
 # so e.g. more DataLoader workers on a rerun is not "a different config".
 RUNTIME_KEYS = ("data.num_workers", "data.shard_decode_processes")
+# ZeRO stages the tokenizer trains with under tokenizer_train.engine=deepspeed.
+TOKENIZER_ZERO_STAGES = (0, 1, 2, 3)
 
 
 @dataclass
@@ -39,6 +41,14 @@ class Config:
     sample: SampleConfig = option(SampleConfig(), "sampling")
     score: ScoreConfig = option(ScoreConfig(), "scoring (FID and friends)")
     launcher: LauncherConfig = option(LauncherConfig(), "SLURM resources per stage")
+
+    def validate(self, path: str) -> None:
+        tt = self.tokenizer_train
+        if tt.engine == "deepspeed" and tt.zero_stage not in TOKENIZER_ZERO_STAGES:
+            raise ConfigError(
+                f"tokenizer_train.zero_stage: {tt.zero_stage} is not allowed with tokenizer_train.engine=deepspeed; "
+                f"choose one of {', '.join(map(str, TOKENIZER_ZERO_STAGES))} (ZeRO-3 partitions the decoder's last "
+                f"layer weight, which the adaptive GAN weight differentiates against), or engine=ddp.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -49,9 +49,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_bytes(obj: Any) -> bytes:
+    """Canonical JSON (sorted keys, fixed indent): equal content gives equal bytes (and hashes)."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Canonical JSON (sorted keys, fixed indent) so equal content gives equal bytes."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def atomic_write_with(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:

@@ -1,7 +1,7 @@
 """Config sections, one per concern. Each field: default, help, and allowed values.
 
-The tokenizer section lives with the models (pipeline/models/tokenizer_config.py) because its
-presets are the model registry's.
+The tokenizer and prior sections live with the models (pipeline/models/tokenizer_config.py,
+prior_config.py) because their presets are the model registry's.
 """
 from __future__ import annotations
 
@@ -52,8 +52,9 @@ class TrainConfig:
     min_lr_ratio: float = option(0.0, "final lr as a fraction of the peak (cosine floor)", ge=0.0, le=1.0)
     grad_clip: float = option(1.0, "max global gradient norm (0 disables clipping)", ge=0.0)
     precision: str = option("auto", "auto = bf16 autocast on GPU, fp32 on CPU", choices=("auto", "fp32", "bf16"))
-    engine: str = option("ddp", "data-parallel engine", choices=("ddp", "deepspeed"))
-    zero_stage: int = option(1, "DeepSpeed ZeRO stage (engine=deepspeed)", ge=0, le=3)
+    engine: str = option("ddp", "training engine: torch DDP, or DeepSpeed ZeRO (README: Training engine)",
+                         choices=("ddp", "deepspeed"))
+    zero_stage: int = option(1, "DeepSpeed ZeRO stage, used with engine=deepspeed (the tokenizer: 0-2)", ge=0, le=3)
     checkpoint_every: int = option(200, "save a checkpoint every N steps", ge=1)
     keep_checkpoints: int = option(2, "how many most recent checkpoints to keep", ge=1)
     log_every: int = option(10, "TensorBoard scalars every N steps", ge=1)
@@ -71,13 +72,6 @@ class PrecomputeConfig:
                                "(LlamaGen's crop_range)", ge=1.0, le=2.0)
     precision: str = option("auto", "encoder precision: auto = bf16 autocast on GPU, fp32 on CPU",
                             choices=("auto", "fp32", "bf16"))
-
-
-@dataclass
-class PriorConfig:
-    preset: str = option("", "prior preset name (e.g. RQ-1.4B, DQ-base); empty: the demo size")
-    dropout: float = option(0.1, "residual dropout", ge=0.0, le=1.0)
-    class_dropout: float = option(0.1, "label dropout for classifier-free guidance", ge=0.0, le=1.0)
 
 
 @dataclass

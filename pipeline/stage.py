@@ -27,16 +27,13 @@ from pathlib import Path
 import torch
 
 from .config import Config
+from .errors import StageError  # noqa: F401  (re-exported: stages raise it)
 from .dist import DistEnv, barrier, broadcast_object, device_for, init_distributed
 from .io import atomic_write_text
 from .logs import setup_logging
 from .rundir import STAGE_NAMES, RunDir
 
 VERSIONED_PACKAGES = ("tessera", "torch", "deepspeed", "webdataset", "mosaicml-streaming", "torch-fidelity")
-
-
-class StageError(RuntimeError):
-    """A failure with a message meant for the user (shown without a traceback by the CLI)."""
 
 
 @dataclass
@@ -56,6 +53,15 @@ class StageContext:
     task_id: int
     logger: logging.Logger
     device: torch.device
+
+    @property
+    def worker(self) -> int:
+        """This process's index among all workers of the stage (array tasks x ranks)."""
+        return self.task_id * self.env.world_size + self.env.rank
+
+    @property
+    def num_workers(self) -> int:
+        return self.num_tasks * self.env.world_size
 
 
 @dataclass

@@ -1,20 +1,33 @@
 """Stage `shard`: images (ImageFolder tree or the embedded synthetic set) -> webdataset/MDS shards
 plus RUN_DIR/shard/manifest.json and rejected.jsonl.
 
-Workers = array tasks x ranks; worker w writes shards w, w+W, w+2W, ... of a fixed plan, so the
-output bytes do not depend on how the stage was launched. The manifest is written by the task
-that finds every shard present when it ends (under torchrun: rank 0 after a barrier).
+1. Plan: the source's splits cut into shards of a size fixed by the config alone (`plan_shards`),
+   so every shard's bytes are the same however the stage is launched.
+2. Work: worker w of W (array tasks x ranks) writes shards w, w+W, ... (pipeline.units), decoding
+   and encoding images in a pool of forked processes; unreadable images are skipped and listed.
+3. Finish: the task that finds every shard present checks the reject fraction and writes
+   rejected.jsonl, then manifest.json last (under torchrun: rank 0 after a barrier).
 """
 from __future__ import annotations
 
-from pipeline.data.shard_job import ShardJob
+import hashlib
+import multiprocessing
+import os
+
+from pipeline.data import manifest as manifest_lib
+from pipeline.data.shards import encode_loaded, plan_shards, samples_per_shard, write_shard
 from pipeline.data.sources import make_source
-from pipeline.dist import all_gather_objects, barrier, broadcast_object
-from pipeline.stage import StageContext, StageResult
+from pipeline.io import atomic_write_text, json_bytes, sha256_json
+from pipeline.stage import StageContext, StageError, StageResult
+from pipeline.units import MANIFEST_NAME, UnitWork, publish_unit
 
 NAME = "shard"
 SECTIONS = ("data",)
 IGNORED_KEYS = ("data.random_crop", "data.hflip")  # reader-side augmentation: shards are the same
+# Config fields that change the shard bytes; the reader-only ones (hflip, num_workers...) do not.
+SHARD_FIELDS = ("source", "root", "resolution", "num_classes", "num_train", "num_val", "val_fraction", "format",
+                "image_encoding")
+LOAD_CHUNK = 32  # images decoded/rendered per pool task (bounds memory, keeps numpy batched)
 
 
 def input_fingerprints(ctx: StageContext) -> dict[str, str]:
@@ -23,22 +36,113 @@ def input_fingerprints(ctx: StageContext) -> dict[str, str]:
 
 def run(ctx: StageContext) -> StageResult | None:
     data = ctx.cfg.data
-    job = ShardJob.create(data, ctx.cfg.seed, ctx.stage_dir)
-    num_workers = ctx.num_tasks * ctx.env.world_size
-    worker = ctx.task_id * ctx.env.world_size + ctx.env.rank
-    ctx.logger.info("shard plan: %d shard(s) of %s for %s; worker %d of %d writes %d", len(job.plan), data.format,
-                    job.source.split_sizes, worker, num_workers, len(job.plan[worker::num_workers]))
-    stats = job.write_worker_shards(worker, num_workers, ctx.logger, progress_position=ctx.env.local_rank)
-    all_stats = all_gather_objects(stats)
-    barrier()
+    source = make_source(data, ctx.cfg.seed)
+    per_shard = samples_per_shard(data.resolution, data.shard_max_count, data.shard_max_bytes)
+    plan_id = sha256_json({"seed": ctx.cfg.seed, "per_shard": per_shard, "inputs": source.fingerprint(),
+                           **{name: getattr(data, name) for name in SHARD_FIELDS}})
+    work = UnitWork(ctx.stage_dir, plan_shards(source.split_sizes, per_shard, data.format), plan_id,
+                    worker=ctx.worker, num_workers=ctx.num_workers)
+    ctx.logger.info("shard plan: %d shard(s) of %s for %s; worker %d of %d writes %d", len(work.plan), data.format,
+                    source.split_sizes, ctx.worker, ctx.num_workers, len(work.mine))
 
-    # Rank 0 decides for the task so all ranks return (or raise) alike.
-    sidecars = broadcast_object(job.collect_sidecars() if ctx.env.is_main else None)
-    if sidecars is None:
+    processes = data.shard_decode_processes or default_decode_processes()
+    with _EncodePool(source, processes) as pool:
+        def write_one(unit, bar):
+            chunks = [(unit.split, lo, min(unit.stop, lo + LOAD_CHUNK), data.image_encoding)
+                      for lo in range(unit.start, unit.stop, LOAD_CHUNK)]
+            encoded = _counted(pool.imap(chunks), bar)
+            return publish_unit(ctx.stage_dir, unit, plan_id,
+                                lambda path: write_shard(path, encoded, fmt=data.format, encoding=data.image_encoding))
+
+        stats = work.run(write_one, ctx.logger, desc="shard", progress_position=ctx.env.local_rank)
+
+    finished = work.finish(stats, lambda sidecars: finalize(ctx, source, work, sidecars), is_main=ctx.env.is_main)
+    if finished is None:
         ctx.logger.info("shard: other tasks' shards are still missing; the last task to finish writes the manifest")
         return None
-    summary = job.finalize(sidecars, data.max_reject_fraction, write=ctx.env.is_main)
-    metrics = {"images_written_this_run": sum(s["images"] for s in all_stats),
-               "images_per_s": round(sum(s["images_per_s"] for s in all_stats), 1)}
+    summary, all_stats = finished
+    seconds = max(max(s["seconds"] for s in all_stats), 1e-9)
+    images_now = sum(s["items"] for s in all_stats)
+    metrics = {"images_written_this_run": images_now, "images_per_s": round(images_now / seconds, 1)}
     ctx.logger.info("shard: manifest written: %s", summary["counts"])
     return StageResult(counts=summary["counts"], metrics=metrics, outputs=summary["outputs"])
+
+
+def finalize(ctx: StageContext, source, work: UnitWork, sidecars: list[dict]) -> dict:
+    """Write rejected.jsonl and manifest.json (rank 0); fail when too many inputs were unreadable.
+
+    The manifest is not written on failure, so a later stage never reads a dataset that failed
+    its reject check; rejected.jsonl is, for inspection.
+    """
+    data = ctx.cfg.data
+    rejected = manifest_lib.rejected_lines(work.plan, sidecars)
+    manifest = manifest_lib.build_manifest(
+        work.plan, sidecars, source_kind=source.kind, class_names=source.class_names, resolution=data.resolution,
+        fmt=data.format, encoding=data.image_encoding, split_inputs=source.split_sizes, plan_id=work.plan_id)
+    totals = manifest["totals"]
+    fraction = totals["rejected"] / max(totals["inputs"], 1)
+    rejected_path = ctx.stage_dir / manifest_lib.REJECTED_NAME
+    if fraction > data.max_reject_fraction:
+        atomic_write_text(rejected_path, rejected)  # kept for inspection; no manifest, so the data cannot be used
+        examples = "; ".join(f"{s['rejected'][0]['path']} ({s['rejected'][0]['reason']})"
+                             for s in sidecars if s["rejected"])
+        raise StageError(
+            f"shard: {totals['rejected']} of {totals['inputs']} input images ({fraction:.1%}) are unreadable, "
+            f"more than data.max_reject_fraction={data.max_reject_fraction}; see {rejected_path} "
+            f"(e.g. {examples[:500]}). Fix or remove them, or raise data.max_reject_fraction.")
+    manifest_lib.remember_verified(ctx.stage_dir, manifest)
+    manifest_lib.write_manifest(ctx.stage_dir, manifest, rejected)
+    counts = {"shards": totals["shards"], "images": totals["samples"], "inputs": totals["inputs"],
+              "rejected": totals["rejected"], "bytes": totals["bytes"],
+              **{f"{split}_images": info["num_samples"] for split, info in manifest["splits"].items()}}
+    # Hashes of the exact bytes written (canonical JSON), so later stages can check their inputs.
+    outputs = {MANIFEST_NAME: hashlib.sha256(json_bytes(manifest)).hexdigest(),
+               manifest_lib.REJECTED_NAME: hashlib.sha256(rejected.encode("utf-8")).hexdigest()}
+    return {"counts": counts, "outputs": outputs}
+
+
+def default_decode_processes() -> int:
+    """The CPU cores this process may use, shared among the ranks on this node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+_POOL_SOURCE = None  # the source, inherited by forked decode processes instead of pickled per task
+
+
+class _EncodePool:
+    """Decode + encode image chunks in forked processes (or inline with one process). `imap`
+    keeps chunk order, so the shard bytes do not depend on the process count."""
+
+    def __init__(self, source, processes: int):
+        self.source, self.processes, self.pool = source, processes, None
+
+    def __enter__(self) -> "_EncodePool":
+        global _POOL_SOURCE
+        _POOL_SOURCE = self.source
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _POOL_SOURCE
+        if self.pool is not None:
+            self.pool.terminate()
+        _POOL_SOURCE = None
+
+    def imap(self, chunks):
+        if self.processes == 1:
+            return map(_encode_chunk, chunks)
+        if self.pool is None:  # started on first use: a rerun that keeps every shard forks nothing
+            # fork: children inherit the source (an ImageNet file list is large to pickle).
+            self.pool = multiprocessing.get_context("fork").Pool(self.processes)
+        return self.pool.imap(_encode_chunk, chunks)
+
+
+def _encode_chunk(task) -> list:
+    split, start, stop, encoding = task
+    return [encode_loaded(img, encoding) for img in _POOL_SOURCE.load(split, start, stop)]
+
+
+def _counted(chunk_results, bar):
+    for chunk in chunk_results:
+        yield from chunk
+        bar.update(len(chunk))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.data.code_reader import collate_codes
-from pipeline.data.dq_sequence import dq_codes_from_tokens, from_dq_order, to_dq_order
+from pipeline.models.dq_order import dq_codes_from_tokens, from_dq_order, to_dq_order
 from pipeline.models.dq import DQCodes
 
 

@@ -8,6 +8,7 @@ from pipeline.configschema import build_section
 from pipeline.losses import (LPIPSLoss, PatchGANDiscriminator, TokenizerLoss, adaptive_gan_weight, budget_loss,
                              generator_gan_loss, hinge_d_loss, reconstruction_loss)
 from pipeline.models.registry import build_tokenizer
+from pipeline.models.tokenizers import TokenizerAux
 from pipeline.models.tokenizer_config import TokenizerConfig
 
 
@@ -103,3 +104,21 @@ def test_tokenizer_loss_generator_and_discriminator_steps(vgg_weights):
     with torch.no_grad():  # validation: no adaptive weight possible, GAN term logged with lambda 0
         _, logs = crit.generator_loss(x, recon, aux, step=5, last_layer=model.get_last_layer())
     assert logs["adaptive_weight"] == 0.0
+
+
+@pytest.mark.parametrize("preset,router,expect_budget", [("dq-demo", "learned", True), ("dq-demo", "entropy", False),
+                                                         ("rq-demo", "learned", False)])
+def test_tokenizer_loss_adds_the_budget_for_the_learned_router_only(preset, router, expect_budget):
+    cfg = build_section(TokenizerConfig, {"preset": preset, "router": router, "lpips_weight": 0.0, "gan_weight": 0.0,
+                                          "target_ratio": 0.25, "budget_weight": 10.0}, "tokenizer")
+    crit = TokenizerLoss(cfg)
+    x = torch.zeros(1, 3, 4, 4)
+    fine_ratio = torch.tensor(0.75, requires_grad=True)
+    aux = TokenizerAux(quant_loss=torch.tensor(0.5), usage_D=torch.zeros(1), perplexity_D=torch.ones(1),
+                       fine_ratio=fine_ratio)
+    total, logs = crit.generator_loss(x, x + 1.0, aux, step=0, last_layer=None)
+    expected = 1.0 + 0.5 + (10.0 * 0.5 ** 2 if expect_budget else 0.0)
+    assert float(total.detach()) == pytest.approx(expected) and ("budget_loss" in logs) == expect_budget
+    if expect_budget:
+        total.backward()
+        assert float(fine_ratio.grad) == pytest.approx(2 * 10.0 * 0.5)  # d/dr gamma (r - t)^2

@@ -3,13 +3,13 @@
     layout = CodeLayout.for_tokenizer(model, tokenizer_meta, store_latents=...)
     encoder = CodeEncoder(model, layout, device, precision)
     rows = encoder.encode(images_BCHW, labels_B, indices_B, keys, views, stats)   # one row per (image, view)
-    sidecar = write_code_unit(stage_dir, spec, rows_iter, layout, plan_id, stats)
+    fields = write_code_unit(path, rows_iter, layout, stats)     # inside pipeline.units.publish_unit
 
 Rows of a unit are image-major (image i: views 0..V-1), so the row of (image, view) is
 `(image - unit.start) * V + view`. Columns (MDS encodings):
 
     RQ/VQ: codes_HWD  ndarray int16 (int32 when K > 32767)      latent_CHW  ndarray float16 (store_latents)
-    DQ:    positions_L / contents_L / granularity_L (DQ-Transformer order, see dq_sequence),
+    DQ:    positions_L / contents_L / granularity_L (DQ-Transformer order, see models/dq_order),
            length int, granularity_map_HcWc uint8
     all:   key str, label int, index int (position in the split), view int
 """
@@ -24,9 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io import atomic_write_json
-from .dq_sequence import to_dq_order
-from .shards import ShardSpec, remove_unit_temps, unit_digest, write_mds_dir
+from ..models.dq_order import to_dq_order
+from .shards import write_mds_dir
 
 VIEW_NAMES = {"none": ["orig"], "hflip": ["orig", "hflip"],
               "tencrop": ["orig", "tl", "tr", "bl", "br", "center",
@@ -169,16 +168,7 @@ class CodeEncoder:
         return base
 
 
-def write_code_unit(stage_dir: Path, spec: ShardSpec, rows: Iterable[dict], layout: CodeLayout, plan_id: str,
-                    stats: UnitStats) -> dict:
-    """Write one code unit, then its sidecar (the same publish order as the shard stage's units:
-    sidecar removed, unit renamed into place, sidecar written last)."""
-    unit = stage_dir / spec.name
-    (stage_dir / spec.sidecar_name).unlink(missing_ok=True)
-    remove_unit_temps(unit)
-    count = write_mds_dir(unit, layout.columns, rows)
-    sha, size = unit_digest(unit)
-    sidecar = {"name": spec.name, "split": spec.split, "index": spec.index, "start": spec.start, "stop": spec.stop,
-               "count": count, "sha256": sha, "bytes": size, "plan": plan_id, **stats.to_json()}
-    atomic_write_json(stage_dir / spec.sidecar_name, sidecar)
-    return sidecar
+def write_code_unit(path: Path, rows: Iterable[dict], layout: CodeLayout, stats: UnitStats) -> dict:
+    """Write one code unit (an MDS directory, renamed into place); returns its sidecar fields."""
+    count = write_mds_dir(path, layout.columns, rows)
+    return {"count": count, **stats.to_json()}

@@ -10,11 +10,10 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import StageError
 from ..io import atomic_write_json, atomic_write_text, read_json
-from ..stage import StageError
-from .shards import ShardSpec, unit_digest
+from ..units import MANIFEST_NAME, Unit, unit_digest
 
-MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.jsonl"
 MANIFEST_VERSION = 1
 _VERIFY_CACHE_NAME = ".verified.json"
@@ -24,7 +23,7 @@ class ShardIntegrityError(StageError):
     """A shard is missing or differs from the manifest; the message names it."""
 
 
-def build_manifest(plan: list[ShardSpec], sidecars: list[dict], *, source_kind: str, class_names: list[str],
+def build_manifest(plan: list[Unit], sidecars: list[dict], *, source_kind: str, class_names: list[str],
                    resolution: int, fmt: str, encoding: str, split_inputs: dict[str, int], plan_id: str) -> dict:
     splits = {}
     for split, num_inputs in split_inputs.items():
@@ -56,16 +55,11 @@ def build_manifest(plan: list[ShardSpec], sidecars: list[dict], *, source_kind: 
     }
 
 
-def rejected_lines(plan: list[ShardSpec], sidecars: list[dict]) -> str:
+def rejected_lines(plan: list[Unit], sidecars: list[dict]) -> str:
     """JSON lines in plan order (split, then position): the same inputs always give the same file."""
     lines = [json.dumps({"split": spec.split, **entry}, sort_keys=True)
              for spec, sidecar in zip(plan, sidecars) for entry in sidecar["rejected"]]
     return "".join(line + "\n" for line in lines)
-
-
-def manifest_bytes(manifest: dict) -> bytes:
-    """The exact bytes of manifest.json (canonical JSON, as pipeline.io.atomic_write_json writes)."""
-    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def write_manifest(stage_dir: Path, manifest: dict, rejected: str) -> None:

@@ -1,13 +1,8 @@
-"""The shard plan and writing one shard unit (webdataset tar or MDS directory), resumably.
+"""Image shard formats: the shard plan and writing one shard (webdataset tar or MDS directory).
 
 Plan: shard j of a split holds positions [j*k, (j+1)*k) of the split's fixed order, k fixed by
 the config alone, so the plan (and every shard's bytes) is the same for any number of workers.
-Workers take every W-th shard of the plan.
-
-A unit is published in three steps: remove its sidecar, write the unit under a temp name and
-rename it into place, then write its sidecar `<name>.json` (count, sha256, bytes, rejects).
-A sidecar therefore exists only next to a complete unit; a killed writer leaves at worst a temp
-file (removed on the next run) or a unit without a sidecar (rewritten on the next run).
+Publishing a shard resumably (sidecar last, verified on rerun) is pipeline.units' job.
 """
 from __future__ import annotations
 
@@ -18,30 +13,17 @@ import os
 import shutil
 import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ..io import atomic_path, atomic_write_json, read_json, sha256_file, sha256_json
+from ..io import atomic_path
+from ..units import Unit
 from .sources import LoadedImage, encode_image
 
 IMAGE_EXTENSION = {"png": "png", "jpeg": "jpg"}
 MDS_SIZE_LIMIT = 1 << 31  # MDSWriter stores offsets as uint32; one unit normally fits one .mds file
 _SAMPLE_OVERHEAD_BYTES = 3 * 1024  # three tar headers + padding + the small json/cls members
 _ARCHIVE_OVERHEAD_BYTES = tarfile.RECORDSIZE  # end-of-archive blocks + padding to a whole tar record
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    split: str
-    index: int
-    start: int      # first position of the split's order held by this shard
-    stop: int       # one past the last
-    name: str       # path relative to the shard stage directory: train/train-000003.tar or .../train-000003
-
-    @property
-    def sidecar_name(self) -> str:
-        return self.name + ".json"
 
 
 def samples_per_shard(resolution: int, max_count: int, max_bytes: int) -> int:
@@ -56,60 +38,13 @@ def samples_per_shard(resolution: int, max_count: int, max_bytes: int) -> int:
     return max(1, min(max_count, (max_bytes - _ARCHIVE_OVERHEAD_BYTES) // per_sample))
 
 
-def plan_shards(split_sizes: dict[str, int], per_shard: int, fmt: str) -> list[ShardSpec]:
+def plan_shards(split_sizes: dict[str, int], per_shard: int, fmt: str) -> list[Unit]:
     suffix = ".tar" if fmt == "webdataset" else ""
     plan = []
     for split, size in split_sizes.items():
         for index, start in enumerate(range(0, size, per_shard)):
-            plan.append(ShardSpec(split, index, start, min(size, start + per_shard), f"{split}/{split}-{index:06d}{suffix}"))
+            plan.append(Unit(split, index, start, min(size, start + per_shard), f"{split}/{split}-{index:06d}{suffix}"))
     return plan
-
-
-def assigned_shards(plan: list[ShardSpec], worker: int, num_workers: int) -> list[ShardSpec]:
-    return plan[worker::num_workers]
-
-
-def unit_digest(path: Path) -> tuple[str, int]:
-    """(sha256, bytes) of a tar file, or of an MDS unit directory (hash over its sorted files)."""
-    if path.is_file():
-        return sha256_file(path), path.stat().st_size
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    listing = [(p.relative_to(path).as_posix(), sha256_file(p)) for p in files]
-    return sha256_json(listing), sum(p.stat().st_size for p in files)
-
-
-def read_sidecar(stage_dir: Path, spec: ShardSpec, plan_id: str) -> dict | None:
-    """The sidecar when it belongs to this plan and its unit exists with the recorded size."""
-    path = stage_dir / spec.sidecar_name
-    try:
-        sidecar = read_json(path)
-    except (OSError, json.JSONDecodeError):
-        return None
-    unit = stage_dir / spec.name
-    if sidecar.get("plan") != plan_id or not unit.exists():
-        return None
-    size = unit.stat().st_size if unit.is_file() else sum(p.stat().st_size for p in unit.rglob("*") if p.is_file())
-    return sidecar if size == sidecar.get("bytes") else None
-
-
-def collect_sidecars(stage_dir: Path, plan: list[ShardSpec], plan_id: str) -> list[dict] | None:
-    """Every unit's sidecar in plan order, or None while any unit is still missing."""
-    sidecars = []
-    for spec in plan:
-        sidecar = read_sidecar(stage_dir, spec, plan_id)
-        if sidecar is None:
-            return None
-        sidecars.append(sidecar)
-    return sidecars
-
-
-def verified_sidecar(stage_dir: Path, spec: ShardSpec, plan_id: str) -> dict | None:
-    """Like read_sidecar, and the unit's content hash matches too (used before keeping a unit)."""
-    sidecar = read_sidecar(stage_dir, spec, plan_id)
-    if sidecar is None:
-        return None
-    sha, _ = unit_digest(stage_dir / spec.name)
-    return sidecar if sha == sidecar.get("sha256") else None
 
 
 def encode_loaded(img: LoadedImage, encoding: str) -> tuple[LoadedImage, bytes | None]:
@@ -119,13 +54,10 @@ def encode_loaded(img: LoadedImage, encoding: str) -> tuple[LoadedImage, bytes |
     return dataclasses.replace(img, pixels=None), encode_image(img.pixels, encoding)
 
 
-def write_unit(stage_dir: Path, spec: ShardSpec, encoded: Iterable[tuple[LoadedImage, bytes | None]], *, fmt: str,
-               encoding: str, plan_id: str) -> dict:
-    """Write one shard unit from its encoded images in order (rejects skipped), then its sidecar."""
-    unit = stage_dir / spec.name
-    unit.parent.mkdir(parents=True, exist_ok=True)
-    (stage_dir / spec.sidecar_name).unlink(missing_ok=True)
-    remove_unit_temps(unit)
+def write_shard(path: Path, encoded: Iterable[tuple[LoadedImage, bytes | None]], *, fmt: str,
+                encoding: str) -> dict:
+    """Write one shard from its encoded images in order (rejects skipped and listed); returns
+    the sidecar fields {"count", "rejected"} (see pipeline.units.publish_unit)."""
     rejected: list[dict] = []
 
     def accepted():
@@ -136,20 +68,8 @@ def write_unit(stage_dir: Path, spec: ShardSpec, encoded: Iterable[tuple[LoadedI
                 yield img, data
 
     writer = _write_tar if fmt == "webdataset" else _write_mds
-    count = writer(unit, accepted(), IMAGE_EXTENSION[encoding])
-    sha, size = unit_digest(unit)
-    sidecar = {"name": spec.name, "split": spec.split, "index": spec.index, "start": spec.start, "stop": spec.stop,
-               "count": count, "sha256": sha, "bytes": size, "plan": plan_id, "rejected": rejected}
-    atomic_write_json(stage_dir / spec.sidecar_name, sidecar)
-    return sidecar
-
-
-def remove_unit_temps(unit: Path) -> None:
-    """Temp files / dirs a killed writer of this unit left (only this unit's: others may be writing)."""
-    if not unit.parent.is_dir():
-        return
-    for stale in unit.parent.glob(f".{unit.name}.*"):
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    count = writer(path, accepted(), IMAGE_EXTENSION[encoding])
+    return {"count": count, "rejected": rejected}
 
 
 def _sample_metadata(img: LoadedImage) -> bytes:

@@ -1,9 +1,11 @@
 """TokenizerLoss: everything the tokenizer trainer adds up, in one module.
 
-generator step:     total = recon + lpips_weight * LPIPS + quant_loss + budget_loss
+generator step:     total = recon + lpips_weight * LPIPS + quant_loss + budget
                             + gan_weight * lambda * (-mean D(recon))      [from disc_start_step]
 discriminator step: hinge(D(images), D(recon.detach()))                  [from disc_start_step]
-quant_loss (beta * commitment) and budget_loss arrive already weighted in the model's aux.
+quant_loss (beta * commitment) arrives already weighted in the model's aux; budget is the DQ
+budget loss gamma * (fine_ratio - target)^2, for DQ with the learned router only (the entropy
+router has nothing to train).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .budget import budget_loss
 from .discriminator import PatchGANDiscriminator, adaptive_gan_weight, generator_gan_loss, hinge_d_loss
 from .perceptual import LPIPSLoss
 
@@ -30,6 +33,8 @@ class TokenizerLoss(nn.Module):
         super().__init__()
         self.recon_kind, self.lpips_weight, self.gan_weight = cfg.recon_loss, cfg.lpips_weight, cfg.gan_weight
         self.disc_start_step, self.adaptive_weight_max = cfg.disc_start_step, cfg.adaptive_weight_max
+        self.budget = cfg.kind == "dq" and cfg.router == "learned"
+        self.target_ratio, self.budget_weight = cfg.target_ratio, cfg.budget_weight
         self.lpips = LPIPSLoss(cfg.lpips_weights) if cfg.lpips_weight > 0 else None
         self.discriminator = (PatchGANDiscriminator(3, cfg.disc_ndf, cfg.disc_layers) if cfg.gan_weight > 0
                               else None)
@@ -48,7 +53,11 @@ class TokenizerLoss(nn.Module):
             perceptual = self.lpips(images_BCHW, recon_BCHW)
             nll = nll + self.lpips_weight * perceptual
             logs["lpips"] = float(perceptual.detach())
-        total = nll + aux.quant_loss + aux.budget_loss
+        total = nll + aux.quant_loss
+        if self.budget:
+            budget = budget_loss(aux.fine_ratio, self.target_ratio, self.budget_weight)
+            total = total + budget
+            logs["budget_loss"] = float(budget.detach())
         if self.gan_active(step):
             g_loss = generator_gan_loss(self.discriminator(recon_BCHW))
             # The adaptive weight needs gradients; under no_grad (validation) the GAN term is logged only.

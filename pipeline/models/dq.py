@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from ..losses.budget import budget_loss
 from .autoencoder import Decoder, EncoderHead, EncoderTrunk, Normalize
 from .quantizer import VectorQuantizer
 from .tokenizers import Tokenizer, TokenizerAux, _arch_kwargs, quantizer_kwargs
@@ -91,7 +90,7 @@ class DQTokenizer(Tokenizer):
             raise ValueError("DQTokenizer implements granularities=2 (coarse + fine) only")
         z = cfg.z_channels
         self.resolution, self.router_kind = resolution, cfg.router
-        self.target_ratio, self.budget_weight = cfg.target_ratio, cfg.budget_weight
+        self.target_ratio = cfg.target_ratio
         self.gumbel_tau, self.coarse_vq_weight, self.entropy_bins = cfg.gumbel_tau, cfg.coarse_vq_weight, cfg.entropy_bins
         self.coarse_side = resolution // cfg.downsample_factor
         arch = _arch_kwargs(cfg)
@@ -151,13 +150,12 @@ class DQTokenizer(Tokenizer):
         weight_BHW = fine_cells + (1 - fine_cells) * self.coarse_vq_weight
         q = self.quantizer(z_BCHW, weight_BHW)
         recon = self.decode_latent(q.zq_BCHW)
+        # With the learned router the ratio keeps its gradient (straight-through gates), so the
+        # budget loss (pipeline.losses.budget, added by the trainer) can move the router.
         fine_ratio = gate.mean()
-        budget = (budget_loss(fine_ratio, self.target_ratio, self.budget_weight) if self.router_kind == "learned"
-                  else fine_ratio.new_zeros(()))  # the entropy router has nothing to train
         codes_per_image = (1 + 3 * hard_gate).sum((1, 2)).float().mean()
-        return recon, TokenizerAux(quant_loss=q.loss, budget_loss=budget, usage_D=q.usage_D,
-                                   perplexity_D=q.perplexity_D, fine_ratio=fine_ratio.detach(),
-                                   extra={"codes_per_image": codes_per_image})
+        return recon, TokenizerAux(quant_loss=q.loss, usage_D=q.usage_D, perplexity_D=q.perplexity_D,
+                                   fine_ratio=fine_ratio, extra={"codes_per_image": codes_per_image})
 
     def decode_latent(self, zq_BCHW: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(zq_BCHW) + self.pos_embed)

@@ -22,19 +22,18 @@ from .quantizer import ResidualQuantizer
 class TokenizerAux:
     """What `forward` returns beside the reconstruction: losses to add and stats to log."""
     quant_loss: torch.Tensor                    # beta * commitment (VQ) loss, already weighted
-    budget_loss: torch.Tensor                   # DQ: gamma * (fine ratio - target)^2; 0 otherwise
     usage_D: torch.Tensor                       # codebook usage % per depth (local batch)
     perplexity_D: torch.Tensor                  # code perplexity per depth
-    fine_ratio: torch.Tensor | None = None      # DQ: mean fraction of fine regions
+    fine_ratio: torch.Tensor | None = None      # DQ: mean fraction of fine regions (learned router: with grad)
     extra: dict = field(default_factory=dict)   # anything model-specific worth logging
 
     def logs(self) -> dict[str, float]:
-        out = {"quant_loss": float(self.quant_loss.detach()), "budget_loss": float(self.budget_loss.detach())}
+        out = {"quant_loss": float(self.quant_loss.detach())}
         for d in range(self.usage_D.numel()):
             out[f"usage_d{d}"] = float(self.usage_D[d])
             out[f"perplexity_d{d}"] = float(self.perplexity_D[d])
         if self.fine_ratio is not None:
-            out["fine_ratio"] = float(self.fine_ratio)
+            out["fine_ratio"] = float(self.fine_ratio.detach())
         out.update({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in self.extra.items()})
         return out
 
@@ -123,5 +122,5 @@ class RQTokenizer(Tokenizer):
     def forward(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, TokenizerAux]:
         q = self.quantizer(self.encode_latent(images_BCHW))
         recon = self.decode_latent(q.zq_BCHW)
-        return recon, TokenizerAux(quant_loss=q.loss, budget_loss=q.loss.new_zeros(()), usage_D=q.usage_D,
+        return recon, TokenizerAux(quant_loss=q.loss, usage_D=q.usage_D,
                                    perplexity_D=q.perplexity_D, extra={})

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from einops import repeat
 
-from ..models.dq import DQCodes
+from .dq import DQCodes
 
 
 def to_dq_order(code_map_HW: torch.Tensor, granularity_HcWc: torch.Tensor
