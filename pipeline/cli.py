@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from .engine.signals import PREEMPTED_EXIT_CODE, Preempted
+    from .train.signals import PREEMPTED_EXIT_CODE, Preempted
     from .stage import StageError
 
     try:

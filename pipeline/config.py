@@ -24,7 +24,7 @@ from .sections import DataConfig, LauncherConfig, PrecomputeConfig, SampleConfig
 # so e.g. more DataLoader workers on a rerun is not "a different config".
 RUNTIME_KEYS = ("data.num_workers", "data.shard_decode_processes")
 # ZeRO stages the tokenizer trains with under tokenizer_train.engine=deepspeed.
-TOKENIZER_ZERO_STAGES = (0, 1, 2, 3)
+TOKENIZER_ZERO_STAGES = (0, 1, 2)
 
 
 @dataclass

@@ -1,21 +1,34 @@
 """Stage 2: train the tokenizer (VQ / RQ-VAE / DQ-VAE) on the shards and export it.
 
-Reads RUN_DIR/shard/manifest.json; writes RUN_DIR/train_tokenizer/{tokenizer.safetensors,
-tokenizer.json, checkpoints/}. Resumes from the newest valid checkpoint.
+Reads RUN_DIR/shard/manifest.json (every shard of every split verified by the runner before the
+first step); writes RUN_DIR/train_tokenizer/{tokenizer.safetensors, tokenizer.json,
+checkpoints/}. Resumes from the newest valid checkpoint.
 """
 from __future__ import annotations
 
+import torch
+
 from pipeline.artifacts import TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, save_tokenizer
 from pipeline.dist import barrier
-from pipeline.engine import PreemptionGuard
 from pipeline.io import sha256_file
 from pipeline.logs import tensorboard_writer
+from pipeline.models.registry import build_tokenizer
 from pipeline.rundir import RunDir
 from pipeline.stage import StageError, StageResult
+from pipeline.train.signals import PreemptionGuard
 from pipeline.train.tokenizer_trainer import LoaderFactory, TokenizerTrainer
 
 NAME = "train_tokenizer"
 SECTIONS = ("data", "tokenizer", "tokenizer_train")
+INPUT_STAGES = ("shard",)
+# How often it logs and checkpoints, and how many it keeps: resume is exact, so the weights are the same.
+IGNORED_KEYS = ("tokenizer_train.log_every", "tokenizer_train.checkpoint_every", "tokenizer_train.keep_checkpoints")
+
+
+def check_config(cfg) -> None:
+    """The tokenizer must build for this resolution (on the meta device: no memory, no time)."""
+    with torch.device("meta"):
+        build_tokenizer(cfg.tokenizer, cfg.data.resolution)
 
 
 def _manifest(ctx):
@@ -44,7 +57,7 @@ def run(ctx) -> StageResult:
         if writer is not None:
             writer.close()
     if ctx.env.is_main:
-        save_tokenizer(trainer.model, cfg.tokenizer, cfg.data.resolution, ctx.stage_dir)
+        save_tokenizer(trainer.export_model(), cfg.tokenizer, cfg.data.resolution, ctx.stage_dir)
     barrier()
     n_params = sum(p.numel() for p in trainer.model.parameters())
     return StageResult(

@@ -12,29 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import TINY_TOKENIZER, free_port, tessera
 from pipeline.artifacts import load_tokenizer
 
-TINY = [
-    "data.resolution=16", "data.num_train=64", "data.num_val=16", "data.shard_max_count=32",
-    "tokenizer.ch=8", "tokenizer.ch_mult=[1,2]", "tokenizer.patch_size=1", "tokenizer.z_channels=8",
-    "tokenizer.codebook_size=32",
-    "tokenizer_train.batch_size=8", "tokenizer_train.eval_images=16", "tokenizer_train.warmup_steps=2",
-]
-
-
-def tessera(*args, env_extra=None, nproc=1, check=True, **popen):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(29500 + os.getpid() % 1000), "-m", "pipeline.cli", *args]
-    else:
-        cmd = [sys.executable, "-m", "pipeline.cli", *args]
-    if popen:
-        return subprocess.Popen(cmd, env=env, **popen)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
-    return out
+TINY = TINY_TOKENIZER
+pytestmark = pytest.mark.e2e
 
 
 def run_tokenizer(run_dir, *extra, config="configs/demo-rq.yaml", **kw):
@@ -88,7 +70,7 @@ def test_kill_and_resume_is_bitwise_equal(reference_run, tmp_path):
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt_dir = tmp_path / "train_tokenizer/checkpoints"
     deadline = time.time() + 300
-    while not (ckpt_dir.is_dir() and any(p.suffix == ".json" for p in ckpt_dir.iterdir())):
+    while not (ckpt_dir.is_dir() and any(p.name.startswith("step_") for p in ckpt_dir.iterdir())):
         assert proc.poll() is None and time.time() < deadline, "training ended before a checkpoint appeared"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -100,21 +82,50 @@ def test_kill_and_resume_is_bitwise_equal(reference_run, tmp_path):
     assert_bitwise_equal(weights(tmp_path), weights(reference_run))
 
 
+# Runs the CLI with the trainer patched to send `SIGNAL_NUM` to its own process right after step
+# `SIGNAL_AT_STEP` on rank `SIGNAL_RANK`: the signal lands at a known step, never racing the run's end.
+SIGNAL_AT_STEP_SCRIPT = """
+import os, runpy, signal, sys
+from pipeline.train import tokenizer_trainer
+
+at, signum = int(os.environ["SIGNAL_AT_STEP"]), int(os.environ["SIGNAL_NUM"])
+rank = int(os.environ.get("SIGNAL_RANK", "0"))
+train_step = tokenizer_trainer.TokenizerTrainer.train_step
+
+def signalling_train_step(self):
+    logs = train_step(self)
+    if self.step == at and self.env.rank == rank:
+        os.kill(os.getpid(), signum)
+    return logs
+
+tokenizer_trainer.TokenizerTrainer.train_step = signalling_train_step
+runpy.run_module("pipeline.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_tokenizer_signalled(run_dir, at_step, sig, *extra, rank=0, nproc=1, config="configs/demo-rq.yaml"):
+    script = Path(run_dir).parent / f"signal_at_step_{Path(run_dir).name}.py"
+    script.write_text(SIGNAL_AT_STEP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SIGNAL_AT_STEP": str(at_step), "SIGNAL_NUM": str(int(sig)),
+           "SIGNAL_RANK": str(rank)}
+    launch = [sys.executable]
+    if nproc > 1:
+        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+    cmd = [*launch, str(script), "run", config, "--run-dir", str(run_dir), "--stages", "shard,train_tokenizer",
+           *TINY, *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_preemption_signal_checkpoints_and_resumes(reference_run, tmp_path):
-    run_tokenizer(tmp_path, "--stages", "shard")
-    proc = run_tokenizer(tmp_path, "tokenizer_train.steps=12", "tokenizer_train.checkpoint_every=4",
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "train_tokenizer/log.txt"
-    deadline = time.time() + 300
-    while not (log.exists() and "starting" in log.read_text()):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 3, err
-    assert "checkpoint saved at step" in err
+    out = run_tokenizer_signalled(tmp_path, 5, signal.SIGUSR1, "tokenizer_train.steps=12",
+                                  "tokenizer_train.checkpoint_every=4")
+    assert out.returncode == 3, out.stderr
+    assert "SIGUSR1 received: checkpoint saved at step 5" in out.stderr
+    steps = sorted(p.name for p in (tmp_path / "train_tokenizer/checkpoints").iterdir())
+    assert steps == ["step_00000004", "step_00000005"]  # saved at the signal, not at the next multiple
+    assert not (tmp_path / "train_tokenizer/done.json").exists()
     run_tokenizer(tmp_path, "tokenizer_train.steps=12", "tokenizer_train.checkpoint_every=4")
+    assert "resumed from checkpoint at step 5" in (tmp_path / "train_tokenizer/log.txt").read_text()
     assert_bitwise_equal(weights(tmp_path), weights(reference_run))
 
 

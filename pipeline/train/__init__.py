@@ -1,1 +1,3 @@
-"""Trainers: each owns its step, its state (for exact resume) and its checkpoints."""
+"""Training: the engine interface with its DDP and DeepSpeed back ends (engine.py), step-folder
+checkpoints (checkpoint.py), RNG state (rng.py), the LR schedule (schedule.py), preemption
+signals (signals.py), and the trainers, each owning its step and state for exact resume."""

@@ -1,10 +1,12 @@
 """Tokenizer training: generator (VQ / RQ / DQ autoencoder) + PatchGAN discriminator.
 
-Data parallel with torch DDP (one process per GPU or CPU rank): the tokenizer is small enough
-(RQ-VAE ~100M parameters) that ZeRO sharding buys nothing, and DDP keeps the two optimizers,
-the adaptive GAN weight's autograd.grad and exact resume simple. The trainer owns the step and
-everything needed to resume it bit-exactly on CPU: model + discriminator (EMA codebook buffers
-included), both optimizers and schedulers, the step, the reader position and every RNG state.
+Data parallel through a training engine (pipeline/train/engine.py): torch DDP by default
+(`tokenizer_train.engine=ddp`; the tokenizer is small, ZeRO sharding buys little), or DeepSpeed
+ZeRO 0-2 (`engine=deepspeed`; ZeRO-3 would partition the decoder's last-layer weight that the
+adaptive GAN weight differentiates against, so the config rejects it). The generator and the
+discriminator each get an engine of that kind. The trainer owns the step and everything needed to
+resume it bit-exactly on CPU: the engines' state (model + discriminator with the EMA codebook
+buffers, both optimizers and schedulers), the step, the reader position and every rank's RNGs.
 """
 from __future__ import annotations
 
@@ -15,15 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ..config import Config
-from ..dist import DistEnv
-from ..engine import CheckpointManager, PreemptionGuard, Preempted, capture_rng_state, restore_rng_state, warmup_cosine
+from ..dist import DistEnv, all_gather_objects
+from ..io import atomic_write_json
 from ..losses import TokenizerLoss
 from ..models.registry import build_tokenizer
 from ..stage import StageError
+from .checkpoint import CheckpointManager, IncompatibleCheckpoint, load_pt
+from .engine import deepspeed_config, engine_meta, make_engine
+from .rng import capture_rng_state, restore_rng_state
+from .schedule import warmup_cosine
+from .signals import PreemptionGuard, Preempted
 from .tokenizer_eval import evaluate_tokenizer
 
 
@@ -70,29 +76,6 @@ def per_rank_batch(global_batch: int, world_size: int, grad_accum: int) -> int:
     return per_rank
 
 
-def average_gradients(module: torch.nn.Module) -> None:
-    """Average .grad over ranks in one flat all-reduce (no-op in a single process)."""
-    if not torch.distributed.is_initialized():
-        return
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= torch.distributed.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def _autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 class TokenizerTrainer:
     def __init__(self, cfg: Config, env: DistEnv, device: torch.device, stage_dir: Path, loaders: LoaderFactory,
                  logger: logging.Logger, writer=None):
@@ -112,49 +95,73 @@ class TokenizerTrainer:
             self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.tokenizer.disc_lr or tc.lr,
                                           betas=tuple(tc.betas))
             self.sched_d = warmup_cosine(self.opt_d, tc.steps, tc.warmup_steps, tc.min_lr_ratio)
-        # The quantizer all-reduces its own EMA statistics, so DDP need not broadcast buffers.
-        self.model_ddp = DDP(self.model, broadcast_buffers=False) if env.is_distributed else self.model
         self.batch_per_rank = per_rank_batch(tc.batch_size, env.world_size, tc.grad_accum)
+        ds_config = None
+        if tc.engine == "deepspeed":
+            # fp32 weights even on GPU (bf16 autocast instead): the EMA codebooks and the adaptive
+            # GAN weight need them. The generated config is saved next to the checkpoints.
+            ds_config = deepspeed_config(tc, env.world_size, device, bf16_weights=False)
+            if env.is_main:
+                atomic_write_json(stage_dir / "deepspeed_config.json", ds_config)
+        # The quantizer all-reduces its own EMA statistics, so DDP need not broadcast buffers.
+        self.gen = make_engine("generator", self.model, self.opt_g, self.sched_g, tc, env, device,
+                               broadcast_buffers=False, ds_config=ds_config)
+        # The discriminator runs two forwards (real, fake) per backward, which DDP does not allow:
+        # under DDP its gradients are averaged by one explicit all-reduce.
+        self.disc_engine = None if self.disc is None else make_engine(
+            "discriminator", self.disc, self.opt_d, self.sched_d, tc, env, device, grad_sync="allreduce",
+            ds_config=ds_config)
         self.train_loader = loaders.train(self.batch_per_rank)
         self.checkpoints = CheckpointManager(stage_dir / "checkpoints", keep=tc.keep_checkpoints, logger=logger)
+        self.meta = engine_meta(tc, env)
         self.step = 0
 
-    # ----- state -------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        state = {"step": self.step, "model": self.model.state_dict(), "opt_g": self.opt_g.state_dict(),
-                 "sched_g": self.sched_g.state_dict(), "loader": self.train_loader.state_dict(),
-                 "rng": capture_rng_state()}
-        if self.disc is not None:
-            state.update(disc=self.disc.state_dict(), opt_d=self.opt_d.state_dict(), sched_d=self.sched_d.state_dict())
-        return state
+    def export_model(self) -> torch.nn.Module:
+        """The trained tokenizer as a plain module. ZeRO turns the parameters into views of one flat
+        buffer (which safetensors refuses to save), so under DeepSpeed it is a fresh copy."""
+        if self.gen.kind == "ddp":
+            return self.model
+        model = build_tokenizer(self.cfg.tokenizer, self.cfg.data.resolution)
+        model.load_state_dict({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return model.eval()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.step = state["step"]
-        self.model.load_state_dict(state["model"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.sched_g.load_state_dict(state["sched_g"])
-        if self.disc is not None:
-            self.disc.load_state_dict(state["disc"])
-            self.opt_d.load_state_dict(state["opt_d"])
-            self.sched_d.load_state_dict(state["sched_d"])
-        self.train_loader.load_state_dict(state["loader"])
-        restore_rng_state(state["rng"])
+    # ----- state -------------------------------------------------------------------------
+    def engines(self):
+        return [e for e in (self.gen, self.disc_engine) if e is not None]
 
     def save_checkpoint(self) -> None:
-        state = self.state_dict()  # every rank builds it (cheap); rank 0 writes it
-        if self.env.is_main:
-            path = self.checkpoints.save(self.step, state)
-            self.logger.info("checkpoint saved: %s", path)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        """Collective: every rank writes its part into one step folder, published atomically."""
+        with self.checkpoints.saving(self.step, self.meta) as folder:
+            for engine in self.engines():
+                engine.save(folder)
+            client = {"step": self.step, "loader": self.train_loader.state_dict(), "rng": capture_rng_state()}
+            torch.save(client, folder / f"client_rank_{self.env.rank:05d}.pt")
+        self.logger.info("checkpoint saved: %s", self.checkpoints.path_for(self.step))
+
+    def _load(self, folder: Path) -> None:
+        for engine in self.engines():
+            engine.load(folder)
+        client = load_pt(folder / f"client_rank_{self.env.rank:05d}.pt", map_location="cpu")
+        self.step = client["step"]
+        self.train_loader.load_state_dict(client["loader"])
+        restore_rng_state(client["rng"])
 
     def resume(self) -> bool:
-        found = self.checkpoints.load_latest(map_location=self.device)
-        if found is None:
-            return False
-        self.load_state_dict(found[1])
-        self.logger.info("resumed from checkpoint at step %d", self.step)
-        return True
+        try:
+            for step, folder in self.checkpoints.candidates(self.meta):
+                error = None
+                try:
+                    self._load(folder)
+                except Exception as err:  # a corrupt file raises several different error types
+                    error = f"could not be loaded ({type(err).__name__}: {err})"
+                errors = [e for e in all_gather_objects(error) if e]
+                if not errors:
+                    self.logger.info("resumed from checkpoint at step %d", self.step)
+                    return True
+                self.checkpoints.skip(step, errors[0])
+        except IncompatibleCheckpoint as err:
+            raise StageError(str(err)) from None
+        return False
 
     # ----- one optimizer step ----------------------------------------------------------
     def _next_batch(self):
@@ -169,49 +176,44 @@ class TokenizerTrainer:
         gan_active = self.loss.gan_active(self.step)
         logs: dict[str, float] = {}
         batches = [self._next_batch() for _ in range(tc.grad_accum)]
-        self.opt_g.zero_grad(set_to_none=True)
+        self.gen.zero_grad()
         recons = []
-        for i, (images, _) in enumerate(batches):
-            images = images.to(self.device, non_blocking=True)
-            sync = i == len(batches) - 1
-            ctx = contextlib.nullcontext() if sync or not self.env.is_distributed else self.model_ddp.no_sync()
-            with ctx:
-                with _autocast(self.device, tc.precision):
-                    recon, aux = self.model_ddp(images)
-                total, g_logs = self.loss.generator_loss(images, recon.float(), aux, self.step,
-                                                         self.model.get_last_layer())
-                (total / tc.grad_accum).backward()
-            recons.append((images, recon.detach().float()))
-            for k, v in g_logs.items():
-                logs[k] = logs.get(k, 0.0) + float(v) / tc.grad_accum
-        if tc.grad_clip > 0:
-            logs["grad_norm_g"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
-        self.opt_g.step()
-        self.sched_g.step()
+        # The GAN term runs the discriminator; its weights get no gradient from the generator's step.
+        frozen = self.disc_engine.frozen() if self.disc_engine is not None else contextlib.nullcontext()
+        with frozen:
+            for i, (images, _) in enumerate(batches):
+                images = images.to(self.device, non_blocking=True)
+                with self.gen.micro_batch(i):
+                    with self.gen.autocast():
+                        recon, aux = self.gen(images)
+                    total, g_logs = self.loss.generator_loss(images, recon.float(), aux, self.step,
+                                                             self.model.get_last_layer())
+                    self.gen.backward(total)
+                recons.append((images, recon.detach().float()))
+                for k, v in g_logs.items():
+                    logs[k] = logs.get(k, 0.0) + float(v) / tc.grad_accum
+        logs.update({f"{k}_g": v for k, v in self.gen.step().items()})
         if gan_active:
-            self.opt_d.zero_grad(set_to_none=True)
-            for images, recon in recons:
-                d_loss, d_logs = self.loss.discriminator_loss(images, recon, self.step)
-                (d_loss / tc.grad_accum).backward()
+            self.disc_engine.zero_grad()
+            for i, (images, recon) in enumerate(recons):
+                with self.disc_engine.micro_batch(i):
+                    d_loss, d_logs = self.loss.discriminator_loss(images, recon, self.step)
+                    self.disc_engine.backward(d_loss)
                 for k, v in d_logs.items():
                     logs[k] = logs.get(k, 0.0) + float(v) / tc.grad_accum
-            # The discriminator runs two forwards (real, fake) per backward, which DDP does not
-            # allow, so its (small) gradients are averaged across ranks explicitly.
-            average_gradients(self.disc)
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.disc.parameters(), tc.grad_clip)
-            self.opt_d.step()
-        if self.sched_d is not None:
-            self.sched_d.step()
+            self.disc_engine.step()
+        elif self.disc_engine is not None:
+            self.disc_engine.skip_step()
         self.step += 1
-        logs["lr"] = self.sched_g.get_last_lr()[0]
+        logs["lr"] = self.gen.lr
         return logs
 
     # ----- the loop ----------------------------------------------------------------------
     def fit(self, guard: PreemptionGuard) -> dict:
         """Train to `steps`, checkpointing periodically and when `guard` reports a signal."""
         tc = self.train_cfg
-        self.model.train()
+        for engine in self.engines():
+            engine.train()
         if not self.resume() and self.cfg.tokenizer.kind == "dq" and self.cfg.tokenizer.router == "entropy":
             from ..models.dq import calibrate_entropy_threshold
 

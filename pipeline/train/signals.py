@@ -1,9 +1,11 @@
 """Preemption: SIGUSR1 / SIGUSR2 / SIGTERM ask the training loop to checkpoint and stop.
 
-SLURM sends USR1 (`--signal=B:USR1@N` in our sbatch scripts) or TERM before killing a job;
-submitit uses USR2. The handler only sets a flag; the loop polls `guard.should_stop()` at a step
-boundary, which all-reduces the flag so every rank checkpoints at the same step (DeepSpeed's
-save_checkpoint must be called on all ranks), then raises `Preempted` after saving.
+SLURM sends TERM to every task when a job is cancelled, preempted or reaches its time limit, and,
+if the job was submitted with `--signal=[B:]USR1@SECONDS`, USR1 that many seconds before the time
+limit; submitit asks for USR2 (`--signal=USR2@90` by default) and requeues on it. The handler only
+sets a flag; the loop polls `guard.should_stop()` at a step boundary, which all-reduces the flag so
+every rank checkpoints at the same step (DeepSpeed's save_checkpoint must be called on all ranks),
+then raises `Preempted` after saving.
 """
 from __future__ import annotations
 
