@@ -3,6 +3,7 @@
     tessera run CONFIG [--run-dir DIR] [--stages a,b] [--force] [key=value ...]
     tessera stage NAME CONFIG [--run-dir DIR] [--num-tasks N --task-id I] [--force] [key=value ...]
     tessera status RUN_DIR
+    tessera verify RUN_DIR
     tessera config [CONFIG] [key=value ...] [--keys]
 """
 from __future__ import annotations
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_status = sub.add_parser("status", help="table of stages: state, counts, wall time, key metrics")
     p_status.add_argument("run_dir", help="run directory")
 
+    p_verify = sub.add_parser("verify", help="check every finished stage's outputs against its done.json and "
+                              "manifests (exit 1 when any differs)")
+    p_verify.add_argument("run_dir", help="run directory")
+
     p_config = sub.add_parser("config", help="print the effective config, or every key with --keys")
     p_config.add_argument("config", nargs="?", default=None, help="YAML preset")
     p_config.add_argument("overrides", nargs="*", metavar="key=value")
@@ -70,7 +75,7 @@ def _run_dir(args, cfg) -> Path:
 
 def cmd_run(args) -> int:
     from .config import load_config
-    from .stage import STAGE_NAMES, available_stages, run_stage
+    from .stage import STAGE_NAMES, available_stages, preflight, run_stage
 
     cfg = load_config(args.config, args.overrides)
     implemented = available_stages()
@@ -84,6 +89,7 @@ def cmd_run(args) -> int:
         stages = [s for s in STAGE_NAMES if s in stages]  # always in pipeline order
     else:
         stages = implemented
+    preflight(cfg, stages)  # every stage's config checks before the first stage starts
     run_dir = _run_dir(args, cfg)
     for name in stages:
         outcome = run_stage(name, cfg, run_dir, force=args.force)
@@ -113,6 +119,27 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from .rundir import RunDir
+    from .stage import StageError, verify_stage
+
+    run = RunDir(args.run_dir)
+    if not run.root.is_dir():
+        raise ConfigError(f"run directory not found: {run.root}")
+    failures = 0
+    for state in run.states():
+        if state.state != "done":
+            print(f"{state.name:<18} {state.state}")
+            continue
+        try:
+            verify_stage(state.name, run)
+            print(f"{state.name:<18} ok")
+        except StageError as err:
+            failures += 1
+            print(f"{state.name:<18} FAILED: {err}")
+    return 1 if failures else 0
+
+
 def cmd_config(args) -> int:
     from .config import config_keys, load_config
 
@@ -123,7 +150,7 @@ def cmd_config(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status, "config": cmd_config}
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status, "verify": cmd_verify, "config": cmd_config}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -141,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from .train.signals import PREEMPTED_EXIT_CODE, Preempted
-    from .stage import StageError
+    from .errors import StageError, describe_os_error
 
     try:
         return COMMANDS[args.command](args)
@@ -153,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         return PREEMPTED_EXIT_CODE
     except BrokenPipeError:  # e.g. `tessera config --keys | head`
         return 0
+    except OSError as err:  # outside a stage (inside, the runner already turned it into a StageError)
+        print(f"tessera: error: {describe_os_error(err, 'tessera ' + args.command)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("tessera: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

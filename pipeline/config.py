@@ -56,16 +56,33 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def section_hash(self, sections: Iterable[str], ignore: Iterable[str] = ()) -> str:
-        """Fingerprint of the config sections a stage depends on (plus the seed), without the
-        runtime-only keys and the dotted keys in `ignore` (which do not affect its outputs)."""
+    def stage_view(self, sections: Iterable[str], ignore: Iterable[str] = ()) -> dict:
+        """The config sections a stage depends on (plus the seed), without the runtime-only keys
+        and the dotted keys in `ignore` (which do not affect its outputs)."""
         d = self.to_dict()
         picked = {name: dict(d[name]) for name in sections}
         for key in (*RUNTIME_KEYS, *ignore):
             section, _, field = key.partition(".")
             if section in picked:
                 picked[section].pop(field, None)
-        return sha256_json({"seed": self.seed, **picked})
+        return {"seed": self.seed, **picked}
+
+    def section_hash(self, sections: Iterable[str], ignore: Iterable[str] = ()) -> str:
+        """Fingerprint of `stage_view`: equal hashes mean the stage would produce the same outputs."""
+        return sha256_json(self.stage_view(sections, ignore))
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts, as 'key: old -> new'."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.extend(changed_keys(a, b, path + "."))
+        elif a != b:
+            changes.append(f"{path}: {a!r} -> {b!r}")
+    return changes
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

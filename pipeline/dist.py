@@ -40,6 +40,14 @@ def detect_env(environ: dict | None = None) -> DistEnv:
     return DistEnv()
 
 
+def job_label(environ=None) -> str:
+    """The SLURM job ("JOBID", or "ARRAYJOB_TASK" for an array task) when under SLURM, else ""."""
+    env = os.environ if environ is None else environ
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
+    return env.get("SLURM_JOB_ID", "")
+
+
 def _slurm_master_addr(env) -> str:
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:

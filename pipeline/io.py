@@ -16,6 +16,23 @@ from typing import Any, Callable, Iterator
 
 from contextlib import contextmanager
 
+from .errors import CorruptFileError
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+UMASK = _current_umask()  # read once at import: os.umask is process-wide and not thread-safe
+
+
+def publish_mode(path: str | os.PathLike) -> None:
+    """Give a temp file (mkstemp makes it 0600) the mode a plain open() would have, so teammates
+    in the group can read shards, manifests, checkpoints and weights."""
+    os.chmod(path, 0o666 & ~UMASK)
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -33,8 +50,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        publish_mode(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as err:
+        if err.filename is None:  # a failed write() names no file: say which one (e.g. a full disk)
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -65,8 +87,15 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[io.BufferedWrite
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file; a truncated or corrupt one raises CorruptFileError naming it."""
     with open(path, "r", encoding="utf-8") as f:
-        return json.load(f)
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CorruptFileError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}; "
+                               f"{len(text)} bytes): it was truncated or corrupted. Restore it, or rerun the "
+                               f"stage that wrote it with --force") from None
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,14 +42,14 @@ class RunDir:
             return None
         try:
             return read_json(path)
-        except (json.JSONDecodeError, OSError):
+        except (ValueError, OSError):  # ValueError: CorruptFileError
             return None  # unreadable done.json: treat the stage as not finished
 
     def read_attempt(self, stage: str) -> dict | None:
         path = self.attempt_path(stage)
         try:
             return read_json(path) if path.is_file() else None
-        except (json.JSONDecodeError, OSError):
+        except (ValueError, OSError):  # ValueError: CorruptFileError
             return None
 
     def write_attempt(self, stage: str, fingerprint: dict) -> None:
@@ -64,7 +63,8 @@ class RunDir:
         if done is not None:
             return StageState(stage, "done", done)
         folder = self.stage_dir(stage)
-        has_work = folder.is_dir() and any(p.name != "log.txt" for p in folder.iterdir())
+        has_work = folder.is_dir() and any(p.name != "log.txt" and not p.name.startswith(("lock", ".lock"))
+                                           for p in folder.iterdir())
         return StageState(stage, "partial" if has_work else "not started", None)
 
     def states(self) -> list[StageState]:

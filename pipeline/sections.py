@@ -16,7 +16,8 @@ class DataConfig:
                          choices=("synthetic", "imagefolder"))
     root: str = option("", "ImageFolder root (one sub-folder per class, optional train/ and val/ sub-trees)")
     resolution: int = option(64, "side of the square images after resize + center crop (px)", ge=8, le=1024)
-    num_classes: int = option(10, "synthetic: number of classes", ge=1, le=1000)
+    num_classes: int = option(10, "number of classes (synthetic: renders this many; imagefolder: the class folders "
+                              "expected, a different count is warned about)", ge=1, le=100000)
     num_train: int = option(2000, "synthetic: images in the train split", ge=1)
     num_val: int = option(200, "synthetic: images in the val split", ge=0)
     val_fraction: float = option(0.02, "imagefolder without a val/ folder: seeded fraction held out for val", ge=0.0, le=0.5)

@@ -2,13 +2,20 @@
 
 A stage module in `stages/` declares `NAME`, `SECTIONS` (config sections it depends on; optional
 `IGNORED_KEYS`: dotted keys in them that do not affect its outputs),
-`input_fingerprints(ctx)` (hashes of what it reads from earlier stages) and `run(ctx)`. The
-runner here does everything around it, identically for every stage:
+`input_fingerprints(ctx)` (hashes of what it reads from earlier stages) and `run(ctx)`; optional
+`INPUT_STAGES` (earlier stages whose outputs it reads: verified before it starts),
+`check_config(cfg)` (raises ConfigError; run for every stage of `tessera run` before the first
+starts) and `verify_outputs(stage_dir)` (raises StageError; run when a finished stage is skipped
+and by `tessera verify`, after the files done.json hashed were checked). The runner does everything around them, identically for every stage:
 
 1. logging to RUN_DIR/<stage>/log.txt and the process group (torchrun / srun ranks);
-2. skip when done.json matches the config and inputs; refuse when they changed (unless --force);
-3. record attempt.json so a partial stage rerun with a different config is refused too;
-4. call run(ctx) on every rank; rank 0 writes done.json last, atomically.
+2. the stage lock (pipeline/lock.py): one job per stage (per array task) at a time;
+3. skip when done.json matches the config and inputs (after verifying the outputs); refuse,
+   naming the changed keys with old and new values, when they changed (unless --force);
+4. record attempt.json (with the stage's effective config) so a partial stage rerun with a
+   different config is refused too;
+5. call run(ctx) on every rank; rank 0 writes done.json last, atomically;
+6. OS errors (read-only or full disk, ...) become one clear StageError line, also in log.txt.
 """
 from __future__ import annotations
 
@@ -26,10 +33,11 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
-from .errors import StageError  # noqa: F401  (re-exported: stages raise it)
+from .config import Config, changed_keys
+from .errors import StageError, describe_os_error
 from .dist import DistEnv, barrier, broadcast_object, device_for, init_distributed
-from .io import atomic_write_text
+from .io import atomic_write_text, sha256_file
+from .lock import LOCK_FILE_NAMES, StageLock
 from .logs import setup_logging
 from .rundir import STAGE_NAMES, RunDir
 
@@ -106,60 +114,134 @@ def git_commit() -> str:
 
 
 def _fingerprint(module, ctx: StageContext) -> dict:
-    config_hash = ctx.cfg.section_hash(module.SECTIONS, ignore=getattr(module, "IGNORED_KEYS", ()))
-    return {"config_hash": config_hash, "inputs": module.input_fingerprints(ctx)}
+    ignore = getattr(module, "IGNORED_KEYS", ())
+    return {"config_hash": ctx.cfg.section_hash(module.SECTIONS, ignore=ignore), "sections": list(module.SECTIONS),
+            "config": ctx.cfg.stage_view(module.SECTIONS, ignore=ignore), "inputs": module.input_fingerprints(ctx)}
 
 
 def _changed_parts(old: dict, new: dict) -> list[str]:
     parts = []
     if old.get("config_hash") != new["config_hash"]:
-        parts.append("config sections " + ", ".join(new.get("sections", [])))
+        if "config" in old:
+            parts.append("config (" + "; ".join(changed_keys(old["config"], new["config"])) + ")")
+        else:  # recorded by an older tessera, which kept only the hash
+            parts.append("config sections " + ", ".join(new["sections"]))
     if old.get("inputs") != new["inputs"]:
-        parts.append("inputs " + ", ".join(sorted(set(old.get("inputs", {})) | set(new["inputs"]))))
+        changed = sorted(k for k in set(old.get("inputs", {})) | set(new["inputs"])
+                         if old.get("inputs", {}).get(k) != new["inputs"].get(k))
+        parts.append("inputs " + ", ".join(changed))
     return parts
 
 
 def _clear_stage_dir(stage_dir: Path) -> None:
     for path in stage_dir.iterdir():
-        if path.name == "log.txt":
+        if path.name == "log.txt" or path.name.startswith(LOCK_FILE_NAMES):
             continue
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def verify_stage(name: str, run: RunDir) -> None:
+    """Check a finished stage's outputs: every file done.json hashed, then the stage's own
+    `verify_outputs(stage_dir)` (e.g. every shard against its manifest). StageError names the file."""
+    done = run.read_done(name)
+    if done is None:
+        raise StageError(f"stage {name} is not finished in {run.root} (no {run.done_path(name)})")
+    stage_dir = run.stage_dir(name)
+    for file, sha in sorted(done.get("outputs", {}).items()):
+        path = stage_dir / file
+        if not path.is_file():
+            raise StageError(f"{path} (an output of the finished stage {name}) is missing; rerun the stage with --force")
+        if sha256_file(path) != sha:
+            raise StageError(f"{path} (an output of the finished stage {name}) differs from the hash in "
+                             f"{run.done_path(name)}: it was modified or corrupted; rerun the stage with --force")
+    verify = getattr(load_stage_module(name), "verify_outputs", None)
+    if verify is not None:
+        verify(stage_dir)
+
+
+def preflight(cfg: Config, names: list[str]) -> None:
+    """Check the whole config for every stage about to run, before the first one starts (a model
+    that cannot be built for this resolution must not surface after hours of sharding)."""
+    for name in names:
+        check = getattr(load_stage_module(name), "check_config", None)
+        if check is not None:
+            check(cfg)
+
+
 def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = False, num_tasks: int = 1,
               task_id: int = 0) -> StageOutcome:
+    """Run one stage on every rank: lock, decide (run / skip / refuse / clear), run, record."""
     module = load_stage_module(name)
-    run = RunDir(run_dir)
-    stage_dir = run.stage_dir(name)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    logger = setup_logging(stage_dir / "log.txt")
-    env = init_distributed()
+    preflight(cfg, [name])
     if not 0 <= task_id < num_tasks:
         raise StageError(f"--task-id {task_id} must be in [0, {num_tasks}) for --num-tasks {num_tasks}")
+    run = RunDir(run_dir)
+    stage_dir = run.stage_dir(name)
+    try:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StageError(describe_os_error(err, f"creating the stage folder {stage_dir}")) from None
+    logger = setup_logging(stage_dir / "log.txt")
+    env = init_distributed()
     ctx = StageContext(cfg=cfg, run_dir=run.root, stage_dir=stage_dir, env=env, num_tasks=num_tasks,
                        task_id=task_id, logger=logger, device=device_for(env))
-    fingerprint = {**_fingerprint(module, ctx), "sections": list(module.SECTIONS)}
+    lock = StageLock(stage_dir, task_id=task_id, num_tasks=num_tasks, logger=logger)
+    try:
+        # Rank 0 takes the lock for the job and decides; every rank follows its answer.
+        _on_main_then_broadcast(env, lock.acquire)
+        try:
+            return _run_locked(module, ctx, run, force)
+        finally:
+            if env.is_main:
+                lock.release()
+    except OSError as err:
+        message = describe_os_error(err, f"running stage {name}")
+        logger.error("%s", message)
+        raise StageError(message) from None
+    except StageError as err:
+        logger.error("%s", err)
+        raise
 
-    # Decide on rank 0 and broadcast, so all ranks agree even if the file system is racy.
-    decision = None
+
+def _on_main_then_broadcast(env: DistEnv, action) -> None:
+    """Run `action` on rank 0; a StageError (or OSError) it raises is raised on every rank."""
+    error = None
     if env.is_main:
-        decision = _decide(run, name, fingerprint, force)
-    decision = broadcast_object(decision)
+        try:
+            action()
+        except StageError as err:
+            error = str(err)
+        except OSError as err:
+            error = describe_os_error(err, "taking the stage lock")
+    error = broadcast_object(error)
+    if error is not None:
+        raise StageError(error)
+
+
+def _run_locked(module, ctx: StageContext, run: RunDir, force: bool) -> StageOutcome:
+    name, env, logger, stage_dir = module.NAME, ctx.env, ctx.logger, ctx.stage_dir
+    fingerprint = _fingerprint(module, ctx)
+    decision = broadcast_object(_decide(run, name, fingerprint, force) if env.is_main else None)
     if decision["action"] == "refuse":
         raise StageError(decision["message"])
     if decision["action"] == "skip":
-        logger.info("stage %s: already done with the same config and inputs; skipped", name)
+        # "done" is a claim about files: check it (cheap: hashes of shards are cached by stat).
+        _on_main_then_broadcast(env, lambda: verify_stage(name, run))
+        logger.info("stage %s: already done with the same config and inputs (outputs verified); skipped", name)
         return StageOutcome(name, "skipped", run.read_done(name))
     if decision["action"] == "clear" and env.is_main:
         logger.info("stage %s: --force given; clearing previous outputs", name)
         _clear_stage_dir(stage_dir)
+    # Every input, every split, before the first step: a bad val shard must not surface after training.
+    for earlier in getattr(module, "INPUT_STAGES", ()):
+        _on_main_then_broadcast(env, lambda: verify_stage(earlier, run))
     if env.is_main:
         run.write_attempt(name, fingerprint)
-        atomic_write_text(run.root / "config.yaml", cfg.to_yaml())
+        atomic_write_text(run.root / "config.yaml", ctx.cfg.to_yaml())
     barrier()
 
     logger.info("stage %s: starting (rank %d/%d, task %d/%d, device %s)", name, env.rank, env.world_size,
-                task_id, num_tasks, ctx.device)
+                ctx.task_id, ctx.num_tasks, ctx.device)
     start = time.time()
     result = module.run(ctx)
     barrier()
@@ -167,16 +249,14 @@ def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = Fals
         logger.info("stage %s: this task's part is finished; the stage completes when all tasks are done", name)
         return StageOutcome(name, "task-done")
     record = {
+        **fingerprint,
         "stage": name,
-        "config_hash": fingerprint["config_hash"],
-        "sections": fingerprint["sections"],
-        "inputs": fingerprint["inputs"],
         "counts": result.counts,
         "metrics": result.metrics,
         "outputs": result.outputs,
         "wall_time_s": round(time.time() - start, 3),
         "world_size": env.world_size,
-        "num_tasks": num_tasks,
+        "num_tasks": ctx.num_tasks,
         "versions": package_versions(),
         "git_commit": git_commit(),
     }

@@ -1,8 +1,13 @@
-"""`tessera status RUN_DIR`: one row per stage with state, counts, wall time and key metrics."""
+"""`tessera status RUN_DIR`: one row per stage with state, counts, wall time and key metrics.
+
+A stage that is not done shows how far it got (checkpoint step, units written) and whether a
+live process holds it (its lock lease: host, pid, SLURM job).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
+from .lock import describe_holder, live_holder
 from .rundir import RunDir
 
 
@@ -29,12 +34,30 @@ def _fmt_seconds(s: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
+def progress(stage_dir: Path) -> str:
+    """What a partial stage has on disk: its newest checkpoint step, or the units with a sidecar."""
+    steps = sorted(int(p.name.split("_")[1].split(".")[0]) for p in (stage_dir / "checkpoints").glob("step_*")
+                   if p.name.split("_")[1].split(".")[0].isdigit()) if (stage_dir / "checkpoints").is_dir() else []
+    if steps:
+        return f"checkpoint step={steps[-1]}"
+    units = [p for p in stage_dir.glob("*/*.json")]
+    return f"units written={len(units)}" if units else "-"
+
+
 def status_rows(run_dir: str | Path) -> list[list[str]]:
     rows = []
-    for st in RunDir(run_dir).states():
+    run = RunDir(run_dir)
+    for st in run.states():
         done = st.done or {}
-        rows.append([st.name, st.state, _fmt_mapping(done.get("counts", {})),
-                     _fmt_seconds(done.get("wall_time_s")), _fmt_mapping(done.get("metrics", {}))])
+        state, counts = st.state, _fmt_mapping(done.get("counts", {}))
+        if st.state != "done":
+            holder = live_holder(run.stage_dir(st.name))
+            if holder is not None:
+                state = f"running ({describe_holder(holder)})"
+            if st.state == "partial":
+                counts = progress(run.stage_dir(st.name))
+        rows.append([st.name, state, counts, _fmt_seconds(done.get("wall_time_s")),
+                     _fmt_mapping(done.get("metrics", {}))])
     return rows
 
 

@@ -17,7 +17,6 @@ same plan and its content hash still matches.
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -68,7 +67,7 @@ def read_sidecar(stage_dir: Path, unit: Unit, plan_id: str) -> dict | None:
     """The sidecar when it belongs to this plan and its unit exists with the recorded size."""
     try:
         sidecar = read_json(stage_dir / unit.sidecar_name)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: CorruptFileError
         return None
     path = stage_dir / unit.name
     if sidecar.get("plan") != plan_id or not path.exists():

@@ -21,7 +21,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.artifacts import TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, load_tokenizer
+from pipeline.configschema import ConfigError
 from pipeline.data.codes_writer import VIEW_NAMES, CodeEncoder, CodeLayout, UnitStats, make_views, write_code_unit
+from pipeline.data.manifest import verify_shards
 from pipeline.data.reader import ShardedImageDataset
 from pipeline.io import atomic_write_json, json_bytes, read_json, sha256_file, sha256_json
 from pipeline.metrics import psnr_per_image
@@ -32,6 +34,8 @@ from pipeline.units import MANIFEST_NAME, Unit, UnitWork, publish_unit
 
 NAME = "precompute_codes"
 SECTIONS = ("data", "tokenizer", "tokenizer_train", "precompute")
+INPUT_STAGES = ("shard", "train_tokenizer")
+IGNORED_KEYS = ("precompute.verify_images",)  # how much is checked at the end, not what is written
 MANIFEST_VERSION = 1
 AUGMENTED_SPLITS = ("train",)  # val keeps the plain view only: its loss should measure real images
 # Verification: stored codes vs a fresh encode of the same images. bf16 kernels may break argmin
@@ -59,6 +63,18 @@ def input_fingerprints(ctx: StageContext) -> dict[str, str]:
     return {"shard/manifest.json": shard_out.get(MANIFEST_NAME) or sha256_file(manifest_path),
             "train_tokenizer/tokenizer.safetensors": (tok_out.get(TOKENIZER_WEIGHTS)
                                                       or sha256_file(tok_dir / TOKENIZER_WEIGHTS))}
+
+
+def check_config(cfg) -> None:
+    if cfg.precompute.store_latents and cfg.tokenizer.kind == "dq":
+        raise ConfigError("precompute.store_latents: true applies to RQ/VQ tokenizers (soft labels); this config's "
+                          "tokenizer.kind is 'dq': set precompute.store_latents=false")
+
+
+def verify_outputs(stage_dir: Path) -> None:
+    """Every code unit against the manifest (a missing or altered one is named)."""
+    manifest = read_json(stage_dir / MANIFEST_NAME)
+    verify_shards(manifest, stage_dir, stage=NAME)
 
 
 def run(ctx: StageContext) -> StageResult | None:
@@ -125,9 +141,6 @@ class CodesJob:
         manifest_path, tok_dir = input_paths(run_dir)
         pc = cfg.precompute
         meta = read_json(tok_dir / TOKENIZER_CONFIG)
-        if pc.store_latents and meta["tokenizer"]["kind"] == "dq":
-            raise StageError("precompute.store_latents=true applies to RQ/VQ tokenizers (soft labels); this run's "
-                             "tokenizer is DQ: set precompute.store_latents=false")
         model = load_tokenizer(tok_dir, device)
         layout = CodeLayout.for_tokenizer(model, meta, store_latents=pc.store_latents)
         precision = resolve_precision(pc.precision, device)

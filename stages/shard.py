@@ -23,7 +23,8 @@ from pipeline.units import MANIFEST_NAME, UnitWork, publish_unit
 
 NAME = "shard"
 SECTIONS = ("data",)
-IGNORED_KEYS = ("data.random_crop", "data.hflip")  # reader-side augmentation: shards are the same
+# Reader-side augmentation and the reject threshold (checked once every shard exists) leave the shards as they are.
+IGNORED_KEYS = ("data.random_crop", "data.hflip", "data.max_reject_fraction")
 # Config fields that change the shard bytes; the reader-only ones (hflip, num_workers...) do not.
 SHARD_FIELDS = ("source", "root", "resolution", "num_classes", "num_train", "num_val", "val_fraction", "format",
                 "image_encoding")
@@ -32,6 +33,11 @@ LOAD_CHUNK = 32  # images decoded/rendered per pool task (bounds memory, keeps n
 
 def input_fingerprints(ctx: StageContext) -> dict[str, str]:
     return make_source(ctx.cfg.data, ctx.cfg.seed).fingerprint()
+
+
+def verify_outputs(stage_dir) -> None:
+    """Every shard against the manifest (a missing or altered one is named)."""
+    manifest_lib.verify_shards(stage_dir / MANIFEST_NAME)
 
 
 def run(ctx: StageContext) -> StageResult | None:
@@ -44,6 +50,7 @@ def run(ctx: StageContext) -> StageResult | None:
                     worker=ctx.worker, num_workers=ctx.num_workers)
     ctx.logger.info("shard plan: %d shard(s) of %s for %s; worker %d of %d writes %d", len(work.plan), data.format,
                     source.split_sizes, ctx.worker, ctx.num_workers, len(work.mine))
+    warn_about_classes(source, data, ctx.logger)
 
     processes = data.shard_decode_processes or default_decode_processes()
     with _EncodePool(source, processes) as pool:
@@ -99,6 +106,20 @@ def finalize(ctx: StageContext, source, work: UnitWork, sidecars: list[dict]) ->
     outputs = {MANIFEST_NAME: hashlib.sha256(json_bytes(manifest)).hexdigest(),
                manifest_lib.REJECTED_NAME: hashlib.sha256(rejected.encode("utf-8")).hexdigest()}
     return {"counts": counts, "outputs": outputs}
+
+
+def warn_about_classes(source, data, logger) -> None:
+    """An ImageFolder tree with one class, or another class count than the config's, is accepted
+    (it may be intended) but said out loud: it is usually the wrong --root level."""
+    found = len(source.class_names)
+    if source.kind != "imagefolder":
+        return
+    if found == 1:
+        logger.warning("data.root %s has a single class folder (%s): every image gets label 0; is data.root one "
+                       "level too deep?", data.root, source.class_names[0])
+    elif found != data.num_classes:
+        logger.warning("data.root %s has %d class folders but data.num_classes is %d; labels follow the folders "
+                       "(set data.num_classes=%d to silence this)", data.root, found, data.num_classes, found)
 
 
 def default_decode_processes() -> int:

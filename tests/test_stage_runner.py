@@ -6,6 +6,7 @@ import pytest
 import pipeline.stage as stage_mod
 from pipeline.cli import main as cli_main
 from pipeline.config import load_config
+from pipeline.io import sha256_file
 from pipeline.stage import StageError, StageResult, run_stage
 from pipeline.status import format_status
 
@@ -27,7 +28,7 @@ class CountingStage:
         self.calls += 1
         (ctx.stage_dir / "out.txt").write_text(str(ctx.cfg.data.num_train))
         return StageResult(counts={"images": ctx.cfg.data.num_train}, metrics={"psnr": 30.5},
-                           outputs={"out.txt": "abc"})
+                           outputs={"out.txt": sha256_file(ctx.stage_dir / "out.txt")})
 
 
 @pytest.fixture
@@ -63,7 +64,7 @@ def test_unrelated_section_change_still_skips(tmp_path, fake_stage, cfg, repo_ro
 def test_changed_config_refused_then_forced(tmp_path, fake_stage, cfg, repo_root):
     run_stage("shard", cfg, tmp_path)
     changed = load_config(repo_root / "configs/demo-rq.yaml", ["data.num_train=7"])
-    with pytest.raises(StageError, match="different config sections data.*--force"):
+    with pytest.raises(StageError, match=r"different config \(data.num_train: 2000 -> 7\).*--force"):
         run_stage("shard", changed, tmp_path)
     assert fake_stage.calls == 1
     assert run_stage("shard", changed, tmp_path, force=True).status == "done"
@@ -89,7 +90,7 @@ def test_partial_run_resumes_with_same_config_refuses_other(tmp_path, fake_stage
     assert not (tmp_path / "shard/done.json").exists()
     assert "partial" in format_status(tmp_path)
     changed = load_config(repo_root / "configs/demo-rq.yaml", ["data.num_train=9"])
-    with pytest.raises(StageError, match="partially run"):
+    with pytest.raises(StageError, match=r"partially run.*data.num_train: 2000 -> 9"):
         run_stage("shard", changed, tmp_path)
     fake_stage.run = real_run
     assert run_stage("shard", cfg, tmp_path).status == "done"

@@ -94,7 +94,7 @@ def verify_shards(manifest: dict | str | os.PathLike, root: str | os.PathLike | 
     cache_path = root / _VERIFY_CACHE_NAME
     try:
         cache = read_json(cache_path)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: CorruptFileError
         cache = {}
     updated = dict(cache)
     for split, info in manifest["splits"].items():

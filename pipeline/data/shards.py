@@ -124,6 +124,10 @@ def write_mds_dir(unit: Path, columns: dict[str, str], rows: Iterable[dict]) -> 
         if unit.exists():  # an unverified unit from an earlier attempt
             shutil.rmtree(unit)
         os.replace(staged, unit)
+    except OSError as err:
+        if err.filename is None:  # a failed write() names no file: say which unit (e.g. a full disk)
+            raise OSError(err.errno, err.strerror, str(unit)) from err
+        raise
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     return count
