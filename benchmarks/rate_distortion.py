@@ -12,8 +12,8 @@ The budget (steps, batch, lr, warm-up) defaults to configs/demo-rq.yaml's; optio
 
 Per variant: codes per image, bits per image (codes x log2 K), val PSNR, codebook usage per depth
 and the two trivial baselines (from the train_tokenizer stage's own evaluation), plus a Frechet
-distance between reconstructions and originals on the val split, computed by torch-fidelity's
-statistics helpers over the 256-d features of a FIXED, seeded, RANDOMLY INITIALISED 4-layer conv
+distance between reconstructions and originals on the val split (pipeline.metrics.frechet_distance,
+the formula FID uses) over the 256-d features of a FIXED, seeded, RANDOMLY INITIALISED 4-layer conv
 net at native resolution (no Inception weights can be downloaded here). That "random-feature FD"
 is only comparable within one results table.
 
@@ -44,8 +44,8 @@ from pipeline.artifacts import load_tokenizer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.reader import make_image_loader  # noqa: E402
 from pipeline.stage import run_stage  # noqa: E402
-from pipeline.train.tokenizer_eval import (downsample_baseline, mean_colour_baseline,  # noqa: E402
-                                           psnr_per_image)
+from pipeline.metrics import (downsample_baseline, downsample_side_for_bits, frechet_distance,  # noqa: E402
+                              mean_colour_baseline, psnr_per_image)
 
 BASE_CONFIG = REPO / "configs" / "demo-rq.yaml"
 FEATURE_SEED = 20240617
@@ -98,14 +98,6 @@ def random_feature_net(seed: int = FEATURE_SEED) -> nn.Module:
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * math.sqrt(2.0 / fan_in))
                 module.bias.zero_()
     return net.eval()
-
-
-def frechet(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-
-    stats_a = fid_features_to_statistics(features_a.double().cpu())
-    stats_b = fid_features_to_statistics(features_b.double().cpu())
-    return float(fid_statistics_to_metric(stats_a, stats_b, verbose=False)[KEY_METRIC_FID])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,9 +171,9 @@ def evaluate(variants: list[dict], shard_dir: Path, args) -> dict:
     reference = {"val_images": int(originals.shape[0])}
     # Sampling-noise floor: the same number of *train* originals vs the val originals.
     train = first_images(shard_dir, "train", originals.shape[0])
-    reference["fd_train_vs_val_originals"] = frechet(features(net, train), feats_orig)
+    reference["fd_train_vs_val_originals"] = frechet_distance(features(net, train), feats_orig)
     mean_colour = mean_colour_baseline(originals)
-    reference["fd_mean_colour"] = frechet(features(net, mean_colour), feats_orig)
+    reference["fd_mean_colour"] = frechet_distance(features(net, mean_colour), feats_orig)
     reference["psnr_mean_colour"] = float(psnr_per_image(mean_colour, originals).mean())
     for v in variants:
         recon, lengths, hist = reconstruct(Path(v["run_dir"]), originals, v["codebook_size"])
@@ -199,11 +191,11 @@ def evaluate(variants: list[dict], shard_dir: Path, args) -> dict:
             "psnr_recheck": float(psnr_per_image(recon, originals).mean()),
             "usage_per_depth": depth_usage,
             "usage_all_depths": float((hist > 0).double().mean() * 100),
-            "fd_random_features": frechet(features(net, recon), feats_orig),
+            "fd_random_features": frechet_distance(features(net, recon), feats_orig),
             "psnr_baseline_mean_colour": m["psnr_baseline_mean_colour"],
             "psnr_baseline_downsample": m["psnr_baseline_downsample"],
-            "downsample_side": int(math.floor(math.sqrt(float(bits.mean()) / 24.0))),
-            "fd_baseline_downsample": frechet(features(net, down), feats_orig),
+            "downsample_side": downsample_side_for_bits(float(bits.mean())),
+            "fd_baseline_downsample": frechet_distance(features(net, down), feats_orig),
         })
         if v["kind"] == "dq":
             v["fine_ratio"] = (float(lengths.mean()) - v["grid"] ** 2) / (3 * v["grid"] ** 2)
@@ -385,7 +377,7 @@ def main() -> None:
                    "common_overrides": common_overrides(args)},
         "feature_net": {"description": "random-feature Frechet distance: 4 conv layers 3-32-64-128-256 (3x3, "
                                        "strides 1,2,2,2, ReLU), global average pool, Kaiming-normal init seeded "
-                                       f"{FEATURE_SEED}, untrained; stats by torch_fidelity.metric_fid",
+                                       f"{FEATURE_SEED}, untrained; pipeline.metrics.frechet_distance",
                         "dim": FEATURE_DIM, "seed": FEATURE_SEED},
         "reference": reference,
         "variants": variants,

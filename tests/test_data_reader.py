@@ -67,10 +67,23 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_batches(shard_dirs, fmt, 
     resumed = make_image_loader(shard_dirs[fmt], "train", 4, **options)
     resumed.load_state_dict(state)
     tail = list(resumed)
-    assert [b.keys for b in head + tail] == [b.keys for b in reference]
-    for got, want in zip(head + tail, reference):
-        assert torch.equal(got.images, want.images)  # augmentation is seeded per (seed, epoch, sample)
     assert resumed.state_dict() == {"epoch": 3, "samples_consumed": 0}
+    # Same samples, labels AND pixels as the uninterrupted stream: the crop/flip of each sample is
+    # seeded by (seed, epoch, sample), so a resumed run must redraw exactly the same augmentation.
+    stream, expected = head + tail, reference
+    assert [b.keys for b in stream] == [b.keys for b in expected]
+    assert torch.equal(torch.cat([b.labels for b in stream]), torch.cat([b.labels for b in expected]))
+    for i, (got, want) in enumerate(zip(stream, expected)):
+        assert torch.equal(got.images, want.images), f"batch {i} ({'resumed' if i >= len(head) else 'before'}): " \
+                                                     f"augmented pixels differ from the uninterrupted stream"
+    # ... and that comparison is not vacuous: augmentation is on (the resumed part differs from the
+    # plain decoded images of the same samples, and not every sample comes out unchanged).
+    plain = make_image_loader(shard_dirs[fmt], "train", 4, rank=1, world_size=2, seed=3)
+    plain.load_state_dict(state)
+    plain_tail = list(plain)
+    assert [b.keys for b in plain_tail] == [b.keys for b in tail]
+    changed = [not torch.equal(a, p) for got, ref in zip(tail, plain_tail) for a, p in zip(got.images, ref.images)]
+    assert sum(changed) >= len(changed) // 2, f"augmentation changed only {sum(changed)} of {len(changed)} images"
 
 
 def test_augmentation_changes_images_but_not_labels(shard_dirs):

@@ -122,6 +122,55 @@ def test_dead_code_restart_revives_codes_reproducibly_and_resume_exact():
     assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), resumed.state_dict().values()))
 
 
+def _with_dead_codes(dead, K=64, C=4, seed=0):
+    q = ResidualQuantizer(C, K, 1, dead_code_threshold=1.0, seed=seed).train()
+    q.cluster_size[0, dead] = 0.0
+    return q
+
+
+def _rows_in(rows_MC, pool_NC):
+    """index into pool_NC of each row (exact match), -1 where none."""
+    eq = (rows_MC[:, None, :] == pool_NC[None, :, :]).all(-1)
+    return torch.where(eq.any(1), eq.float().argmax(1), torch.full((rows_MC.shape[0],), -1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dead_code_restart_draws_distinct_pool_vectors(seed):
+    # 20 dead codes, 24 distinct pool vectors: drawing with replacement would repeat one almost surely.
+    dead = torch.arange(0, 40, 2)[:20]
+    q = _with_dead_codes(dead, seed=seed)
+    before = q.embed[0].clone()
+    pool = torch.randn(24, 4, generator=torch.Generator().manual_seed(10 + seed))
+    q._restart_dead_codes(0, pool)
+    picked = _rows_in(q.embed[0][dead], pool)
+    assert (picked >= 0).all(), "every dead code is restarted from the pool"
+    assert len(set(picked.tolist())) == len(dead), f"duplicate restart vectors: {sorted(picked.tolist())}"
+    alive = torch.ones(64, dtype=torch.bool)
+    alive[dead] = False
+    assert torch.equal(q.embed[0][alive], before[alive])
+    assert (q.cluster_size[0][dead] == 1.0).all()
+    # Seeded by (seed, update_step): a twin restarts identically.
+    twin = _with_dead_codes(dead, seed=seed)
+    twin.embed.copy_(before[None])
+    twin._restart_dead_codes(0, pool)
+    assert torch.equal(twin.embed, q.embed)
+
+
+def test_dead_code_restart_with_a_pool_smaller_than_the_dead_codes():
+    # 20 dead codes, 8 pool vectors: the 8 lowest-index dead codes get the 8 vectors once each; the
+    # other 12 stay dead (untouched) for the next update.
+    dead = torch.arange(1, 41, 2)[:20]
+    q = _with_dead_codes(dead)
+    before_embed, before_sizes = q.embed[0].clone(), q.cluster_size[0].clone()
+    pool = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+    q._restart_dead_codes(0, pool)
+    picked = _rows_in(q.embed[0][dead[:8]], pool)
+    assert sorted(picked.tolist()) == list(range(8))
+    assert torch.equal(q.embed[0][dead[8:]], before_embed[dead[8:]])
+    assert torch.equal(q.cluster_size[0][dead[8:]], before_sizes[dead[8:]])
+    assert (q.cluster_size[0][dead[:8]] == 1.0).all()
+
+
 def test_soft_codes_rows_sum_to_one_and_small_tau_is_argmin():
     torch.manual_seed(4)
     q = ResidualQuantizer(4, 16, 3).eval()

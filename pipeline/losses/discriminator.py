@@ -1,9 +1,8 @@
 """PatchGAN discriminator, hinge / non-saturating losses and the adaptive GAN weight.
 
-BatchNorm under DDP: by default each rank normalises with its own batch statistics and DDP's
-`broadcast_buffers` copies rank 0's running statistics to the others at every forward (the
-taming / RQ-VAE behaviour). `sync_batchnorm(disc)` converts to SyncBatchNorm (CUDA process groups
-only) when `tokenizer.disc_sync_bn` is set; call it before wrapping the discriminator in DDP.
+BatchNorm across ranks: each rank normalises with its own batch statistics (the taming / RQ-VAE
+behaviour); the discriminator only ever runs in training mode, so its running statistics are
+never used and need no synchronisation. Its gradients are averaged across ranks by the trainer.
 """
 from __future__ import annotations
 
@@ -38,10 +37,6 @@ class PatchGANDiscriminator(nn.Module):
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         return self.main(x_BCHW)
-
-
-def sync_batchnorm(disc: nn.Module) -> nn.Module:
-    return nn.SyncBatchNorm.convert_sync_batchnorm(disc)
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

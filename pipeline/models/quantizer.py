@@ -190,15 +190,27 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, b: int, pool_NC: torch.Tensor) -> None:
-        """Replace codes whose EMA cluster size < threshold by random vectors of rank 0's batch."""
-        dead_K = (self.cluster_size[b] < self.dead_code_threshold).to(torch.uint8)
-        dead_K = _broadcast_from_rank0(dead_K).bool()  # rank 0 decides; all ranks then agree on the count
+        """Replace codes whose EMA cluster size < threshold by distinct random vectors of rank 0's batch.
+
+        The vectors are drawn WITHOUT replacement (a seeded permutation of the pool), so no two
+        restarted codes start equal: a duplicate would lose every tie to its twin and stay dead.
+        When rank 0's pool holds fewer vectors than there are dead codes, only the lowest-index
+        dead codes get one vector each (every pool vector used once); the others stay dead and are
+        retried at the next update, with the next batch.
+        """
+        dead_K = self.cluster_size[b] < self.dead_code_threshold
+        if _is_rank0():
+            pool_size = pool_NC.shape[0]
+            if int(dead_K.sum()) > pool_size:
+                dead_K &= torch.cumsum(dead_K.to(torch.int64), 0) <= pool_size
+        # Rank 0 decides which codes restart; all ranks then agree on the mask and the count.
+        dead_K = _broadcast_from_rank0(dead_K.to(torch.uint8)).bool()
         n_dead = int(dead_K.sum())
         if n_dead == 0:
             return
         vecs = torch.empty(n_dead, self.dim, dtype=self.embed.dtype, device=self.embed.device)
         if _is_rank0():
-            idx = torch.randint(pool_NC.shape[0], (n_dead,), generator=self._generator(salt=b))
+            idx = torch.randperm(pool_NC.shape[0], generator=self._generator(salt=b))[:n_dead]
             vecs.copy_(pool_NC[idx.to(pool_NC.device)])
         vecs = _broadcast_from_rank0(vecs)
         size = max(self.dead_code_threshold, 1.0)

@@ -55,8 +55,6 @@ class TokenizerConfig:
     disc_layers: int = option(2, "PatchGAN layers", ge=1, le=6)
     disc_ndf: int = option(64, "PatchGAN base channels", ge=8)
     disc_lr: float = option(0.0, "discriminator lr (0: same as the generator's)", ge=0.0)
-    disc_sync_bn: bool = option(False, "convert the discriminator's BatchNorm to SyncBatchNorm under DDP (CUDA only); "
-                                       "off: per-rank batch statistics, running stats broadcast from rank 0 by DDP")
 
     @classmethod
     def preset_values(cls, name: str, path: str) -> dict:

@@ -1,35 +1,14 @@
 """Tokenizer evaluation on the val shards: PSNR, codebook usage, code length, and the two
 trivial baselines the demo must beat (per-image mean colour; a blurred downsample that spends
-the same number of bits as the codes)."""
+the same number of bits as the codes; both live in pipeline.metrics)."""
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-
-def psnr_per_image(x_BCHW: torch.Tensor, y_BCHW: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of images in [-1, 1], measured on the [0, 1] scale (peak 1)."""
-    mse_B = ((x_BCHW.float().clamp(-1, 1) - y_BCHW.float().clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
-    return -10.0 * torch.log10(mse_B.clamp_min(1e-10))
-
-
-def mean_colour_baseline(x_BCHW: torch.Tensor) -> torch.Tensor:
-    return x_BCHW.mean(dim=(2, 3), keepdim=True).expand_as(x_BCHW)
-
-
-def downsample_side_for_bits(bits: float) -> int:
-    """Largest side s with an s x s RGB image at 8 bits per channel within `bits`."""
-    return max(1, int(math.floor(math.sqrt(bits / 24.0))))
-
-
-def downsample_baseline(x_BCHW: torch.Tensor, bits_per_image: float) -> torch.Tensor:
-    side = downsample_side_for_bits(bits_per_image)
-    small = F.interpolate(x_BCHW, size=(side, side), mode="area")
-    small = torch.round((small.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1  # 8-bit storage
-    return F.interpolate(small, size=x_BCHW.shape[-2:], mode="bilinear", align_corners=False)
+from ..metrics import downsample_baseline, mean_colour_baseline, psnr_per_image
 
 
 def code_maps_by_depth(codes) -> list[torch.Tensor]:
@@ -37,6 +16,15 @@ def code_maps_by_depth(codes) -> list[torch.Tensor]:
     if isinstance(codes, torch.Tensor):
         return [codes[..., d].reshape(-1) for d in range(codes.shape[-1])]
     return [torch.cat([c.reshape(-1) for c in codes.sequences])]
+
+
+def _all_reduce(t: torch.Tensor, device: torch.device, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Sum (or `op`) over ranks, on `device` (NCCL reduces CUDA tensors only); returns a CPU tensor."""
+    if not dist.is_initialized():
+        return t
+    t = t.to(device)
+    dist.all_reduce(t, op=op)
+    return t.cpu()
 
 
 @torch.no_grad()
@@ -75,10 +63,15 @@ def evaluate_tokenizer(model, batches, *, codebook_size: int, max_images: int,
                 histograms.append(h)
         if preview is None:
             preview = (images[:16].cpu(), recon[:16].float().cpu())
-    hist_DK = torch.stack(histograms) if histograms else torch.zeros(1, codebook_size, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-        dist.all_reduce(hist_DK)
+    # Every rank must all-reduce a histogram of the same shape, including a rank whose shard of the
+    # val split gave it no batch (it cannot know the code depth from data): the ranks first agree on
+    # the number of rows (the code depth; 1 for DQ) and a rank with fewer pads with zero rows.
+    rows = int(_all_reduce(torch.tensor([len(histograms)]), device, dist.ReduceOp.MAX))
+    hist_DK = torch.zeros(max(rows, 1), codebook_size, dtype=torch.float64)  # no batch anywhere: one zero row
+    if histograms:
+        hist_DK[: len(histograms)] = torch.stack(histograms)
+    sums = _all_reduce(sums, device)
+    hist_DK = _all_reduce(hist_DK, device)
     model.train(was_training)
     n = max(1.0, float(sums[4]))
     metrics = {
