@@ -1,4 +1,5 @@
 """Tessera: autoregressive image generation over discrete tokens (RQ and DQ families)."""
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
@@ -28,21 +29,34 @@ EXTRAS = {
 }
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _build_flags():
+    """kernels/build_flags.py, loaded by path: importing `kernels` would need torch, absent at build time."""
+    path = os.path.join(HERE, "kernels", "build_flags.py")
+    spec = importlib.util.spec_from_file_location("_tessera_build_flags", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _ext_modules():
-    """Ahead-of-time CUDA build of the codebook-search kernels when TESSERA_BUILD_CUDA=1."""
+    """Ahead-of-time CUDA build of the codebook-search kernels when TESSERA_BUILD_CUDA=1.
+
+    Sources and flags come from kernels/build_flags.py, which the JIT build (kernels/loader.py)
+    uses too, so both builds compile the same kernels the same way.
+    """
     if os.environ.get("TESSERA_BUILD_CUDA") != "1":
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    # Distinct stems: setuptools names objects by stem, so a .cpp and .cu sharing one would collide.
-    sources = [os.path.join("kernels", "csrc", name) for name in ("codebook_search.cpp", "codebook_search_kernels.cu")]
+    flags = _build_flags()
     ext = CUDAExtension(
-        name="kernels._codebook_search_cuda",
-        sources=sources,
-        include_dirs=[os.path.join(here, "kernels", "csrc")],
-        # No --use_fast_math: the JIT build (kernels/loader.py) leaves it out too, so both agree bit for bit.
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        name=flags.AOT_MODULE,
+        sources=[os.path.join("kernels", "csrc", name) for name in flags.SOURCES],
+        include_dirs=[os.path.join(HERE, "kernels", "csrc")],
+        extra_compile_args={"cxx": list(flags.CXX_FLAGS), "nvcc": list(flags.NVCC_FLAGS)},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -14,15 +14,13 @@ import threading
 import traceback
 from pathlib import Path
 
-AOT_MODULE = "kernels._codebook_search_cuda"
-JIT_NAME = "tessera_codebook_search"
-CSRC_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC_DIR / "codebook_search.cpp", CSRC_DIR / "codebook_search_kernels.cu")
+from . import build_flags
 
-# No --use_fast_math: it flushes denormals and relaxes division, and the search promises fp32
-# results. -lineinfo costs nothing at run time and makes profiler output readable.
-NVCC_FLAGS = ("-O3", "-lineinfo")
-CXX_FLAGS = ("-O3",)
+# Names, sources and compiler flags are shared with setup.py's ahead-of-time build (build_flags.py).
+AOT_MODULE = build_flags.AOT_MODULE
+JIT_NAME = build_flags.JIT_NAME
+CSRC_DIR = Path(__file__).resolve().parent / "csrc"
+SOURCES = tuple(CSRC_DIR / name for name in build_flags.SOURCES)
 
 _lock = threading.Lock()
 _module = None
@@ -81,8 +79,8 @@ def build(build_dir: str | os.PathLike | None = None, verbose: bool = False):
             name=JIT_NAME,
             sources=[str(s) for s in SOURCES],
             extra_include_paths=[str(CSRC_DIR)],
-            extra_cflags=list(CXX_FLAGS),
-            extra_cuda_cflags=list(NVCC_FLAGS),
+            extra_cflags=list(build_flags.CXX_FLAGS),
+            extra_cuda_cflags=list(build_flags.NVCC_FLAGS),
             build_directory=str(build_path),
             with_cuda=True,
             verbose=verbose,

@@ -13,6 +13,8 @@ from pipeline.data.manifest import load_manifest
 from pipeline.data.reader import ShardedImageDataset
 from pipeline.stage import StageError, run_stage
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.num_train=90", "data.num_val=20", "data.resolution=16", "data.shard_max_count=16"]
 
