@@ -1,13 +1,13 @@
 """pipeline.metrics against their formulas; evaluate_tokenizer with a rank that has no val batch."""
 import math
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from pipeline.metrics import (downsample_baseline, downsample_side_for_bits, feature_statistics, frechet_distance,
                               frechet_distance_from_statistics, mean_colour_baseline, psnr_per_image)
 from pipeline.train.tokenizer_eval import evaluate_tokenizer
@@ -143,12 +143,6 @@ def _val_batches(seed, n_batches):
     return [(torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.zeros(4, dtype=torch.int64)) for _ in range(n_batches)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _eval_worker(rank, world, port, out_dir):
     import datetime
 
@@ -172,7 +166,7 @@ def test_evaluate_tokenizer_with_an_empty_rank_matches_one_process():
                                    max_images=100, device=torch.device("cpu"))
     assert single["eval_images"] == 8 and {f"usage_d{d}" for d in range(3)} <= set(single)
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_eval_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True)
+        mp.spawn(_eval_worker, args=(2, free_port(), out_dir), nprocs=2, join=True)
         results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
     for rank, result in enumerate(results):
         assert "error" not in result, f"rank {rank}: {result.get('error')}"

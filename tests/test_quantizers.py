@@ -1,6 +1,5 @@
 """Residual / vector quantizer math against float64 references, EMA, restarts, soft codes, DDP."""
 import os
-import socket
 import tempfile
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 import torch.multiprocessing as mp
 from einops import rearrange
 
+from conftest import free_port
 from pipeline.models.quantizer import ResidualQuantizer, VectorQuantizer
 
 
@@ -213,12 +213,6 @@ def test_kmeans_init_lowers_distortion():
     assert km.eval()(z).loss < plain(z).loss
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, out_dir):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -236,7 +230,7 @@ def _ddp_worker(rank, world, port, out_dir):
 
 def test_ema_and_restarts_keep_two_ranks_identical():
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_ddp_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, free_port(), out_dir), nprocs=2, join=True)
         s0 = torch.load(os.path.join(out_dir, "rank0.pt"))
         s1 = torch.load(os.path.join(out_dir, "rank1.pt"))
     assert int(s0["update_step"]) == 3

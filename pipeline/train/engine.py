@@ -104,14 +104,18 @@ class TrainEngine:
             raise RuntimeError(f"{self.name}: {self._micro} backward calls in one step, grad_accum is "
                                f"{self.train_cfg.grad_accum}")
 
-    # to implement
+    def skip_step(self) -> None:
+        """Advance the LR schedule by one step without an update (e.g. before the GAN starts)."""
+        self.scheduler.step()  # every back end keeps our LambdaLR as `self.scheduler`
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # each back end implements these
     def zero_grad(self) -> None: ...
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self) -> dict: ...
-    def skip_step(self) -> None:
-        """Advance the LR schedule by one step without an update (e.g. before the GAN starts)."""
-    @property
-    def lr(self) -> float: ...
     def save(self, folder: Path) -> None: ...
     def load(self, folder: Path) -> None: ...
 
@@ -153,13 +157,6 @@ class DDPEngine(TrainEngine):
         self.scheduler.step()
         self._micro = 0
         return stats
-
-    def skip_step(self) -> None:
-        self.scheduler.step()
-
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
 
     def save(self, folder: Path) -> None:
         if self.env.is_main:
@@ -259,13 +256,6 @@ class DeepSpeedEngine(TrainEngine):
         self._micro = 0
         norm = self.wrapped.get_global_grad_norm()
         return {"grad_norm": float(norm)} if self.train_cfg.grad_clip > 0 and norm is not None else {}
-
-    def skip_step(self) -> None:
-        self.scheduler.step()
-
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
 
     def save(self, folder: Path) -> None:
         self.wrapped.save_checkpoint(str(folder), tag=self.name, client_state={}, save_latest=False)
