@@ -11,7 +11,10 @@ reconstruction loss (l2, so PSNR compares like with like).
 The budget (steps, batch, lr, warm-up) defaults to configs/demo-rq.yaml's; options override it.
 
 Per variant: codes per image, bits per image (codes x log2 K), val PSNR, codebook usage per depth
-and the two trivial baselines (from the train_tokenizer stage's own evaluation), plus a Frechet
+and the two trivial baselines (from the train_tokenizer stage's own evaluation); the accuracy of
+the run's probe classifier (pipeline/train/classifier.py, trained once on the shared train
+shards) on the reconstructions, beside its accuracy on the originals and on the same-bits
+downsample: whether the codes keep what makes each class, which PSNR does not tell; plus a Frechet
 distance between reconstructions and originals on the val split (pipeline.metrics.frechet_distance,
 the formula FID uses) over the 256-d features of a FIXED, seeded, RANDOMLY INITIALISED 4-layer conv
 net at native resolution (no Inception weights can be downloaded here). That "random-feature FD"
@@ -44,6 +47,7 @@ from pipeline.artifacts import load_tokenizer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.reader import make_image_loader  # noqa: E402
 from pipeline.stage import run_stage  # noqa: E402
+from pipeline.train.classifier import classifier_for_run  # noqa: E402
 from pipeline.metrics import (downsample_baseline, downsample_side_for_bits, frechet_distance,  # noqa: E402
                               mean_colour_baseline, psnr_per_image)
 
@@ -109,7 +113,9 @@ def common_overrides(args) -> list[str]:
             f"{tc}.steps={args.steps}", f"{tc}.batch_size={args.batch_size}", f"{tc}.lr={args.lr}",
             f"{tc}.warmup_steps={min(args.warmup_steps, max(0, args.steps - 1))}",
             f"{tc}.checkpoint_every={max(1, args.steps // 3)}", f"{tc}.eval_images={args.num_val}",
-            f"seed={args.seed}", "name=rate-distortion"]
+            f"data.synthetic_style={args.style}",
+            # The benchmark scores every variant with one shared classifier (evaluate() below).
+            f"{tc}.eval_classifier=false", f"seed={args.seed}", "name=rate-distortion"]
 
 
 def run_variant(name: str, args, shard_dir: Path) -> dict:
@@ -132,16 +138,21 @@ def run_variant(name: str, args, shard_dir: Path) -> dict:
 
 
 @torch.no_grad()
-def first_images(shard_dir: Path, split: str, limit: int) -> torch.Tensor:
-    """The first `limit` images of a split in stored order."""
+def first_images(shard_dir: Path, split: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `limit` images of a split in stored order, and their labels."""
     loader = make_image_loader(shard_dir, split, 100, shuffle=False, drop_last=False)
-    chunks, n = [], 0
+    chunks, labels, n = [], [], 0
     for batch in loader:
         chunks.append(batch[0])
+        labels.append(batch[1])
         n += batch[0].shape[0]
         if n >= limit:
             break
-    return torch.cat(chunks)[:limit]
+    return torch.cat(chunks)[:limit], torch.cat(labels)[:limit]
+
+
+def class_accuracy(classifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((classifier.predict(images.clamp(-1, 1)) == labels).double().mean())
 
 
 @torch.no_grad()
@@ -166,15 +177,19 @@ def reconstruct(run_dir: Path, images: torch.Tensor, codebook_size: int, batch: 
 
 def evaluate(variants: list[dict], shard_dir: Path, args) -> dict:
     net = random_feature_net()
-    originals = first_images(shard_dir, "val", args.num_val)
+    originals, labels = first_images(shard_dir, "val", args.num_val)
     feats_orig = features(net, originals)
-    reference = {"val_images": int(originals.shape[0])}
+    classifier, meta = classifier_for_run(shard_dir.parent, shard_dir / "manifest.json", seed=args.seed)
+    reference = {"val_images": int(originals.shape[0]), "class_acc_originals": class_accuracy(classifier, originals,
+                                                                                               labels),
+                 "classifier": {k: meta[k] for k in ("steps", "batch_size", "train_seconds")}}
     # Sampling-noise floor: the same number of *train* originals vs the val originals.
-    train = first_images(shard_dir, "train", originals.shape[0])
+    train, _ = first_images(shard_dir, "train", originals.shape[0])
     reference["fd_train_vs_val_originals"] = frechet_distance(features(net, train), feats_orig)
     mean_colour = mean_colour_baseline(originals)
     reference["fd_mean_colour"] = frechet_distance(features(net, mean_colour), feats_orig)
     reference["psnr_mean_colour"] = float(psnr_per_image(mean_colour, originals).mean())
+    reference["class_acc_mean_colour"] = class_accuracy(classifier, mean_colour, labels)
     for v in variants:
         recon, lengths, hist = reconstruct(Path(v["run_dir"]), originals, v["codebook_size"])
         bits = lengths * math.log2(v["codebook_size"])
@@ -192,6 +207,8 @@ def evaluate(variants: list[dict], shard_dir: Path, args) -> dict:
             "usage_per_depth": depth_usage,
             "usage_all_depths": float((hist > 0).double().mean() * 100),
             "fd_random_features": frechet_distance(features(net, recon), feats_orig),
+            "class_acc": class_accuracy(classifier, recon, labels),
+            "class_acc_baseline_downsample": class_accuracy(classifier, down, labels),
             "psnr_baseline_mean_colour": m["psnr_baseline_mean_colour"],
             "psnr_baseline_downsample": m["psnr_baseline_downsample"],
             "downsample_side": downsample_side_for_bits(float(bits.mean())),
@@ -282,9 +299,9 @@ def plot_title(result: dict) -> str:
 
 
 def markdown_table(variants: list[dict], reference: dict) -> str:
-    rows = ["| variant | grid / depth | params | codes/image | bits/image | PSNR val (dB) | usage % per depth "
-            "| random-feature FD | downsample baseline: side, PSNR, FD | train s |",
-            "|---|---|---:|---:|---:|---:|---|---:|---|---:|"]
+    rows = ["| variant | grid / depth | params | codes/image | bits/image | PSNR val (dB) | class acc % | usage % per "
+            "depth | random-feature FD | downsample baseline: side, PSNR, class acc %, FD | train s |",
+            "|---|---|---:|---:|---:|---:|---:|---|---:|---|---:|"]
     for v in variants:
         usage = " / ".join(f"{u:.0f}" for u in v["usage_per_depth"])
         codes = f"{v['codes_per_image']:.1f}"
@@ -294,13 +311,14 @@ def markdown_table(variants: list[dict], reference: dict) -> str:
         bits = f"{v['bits_per_image']:.0f}" + (f" (+{v['side_info_bits']:.0f} map)" if v["side_info_bits"] else "")
         grid = f"{v['grid']}x{v['grid']}" + (f"/{2 * v['grid']}x{2 * v['grid']}" if v["kind"] == "dq" else "")
         rows.append(f"| {v['label']} | {grid}, D={v['depth']} | {v['parameters'] / 1e6:.2f}M | {codes} | {bits} "
-                    f"| {v['psnr']:.2f} | {usage} | {v['fd_random_features']:.4g} "
+                    f"| {v['psnr']:.2f} | {100 * v['class_acc']:.1f} | {usage} | {v['fd_random_features']:.4g} "
                     f"| {v['downsample_side']}x{v['downsample_side']}, {v['psnr_baseline_downsample']:.2f}, "
-                    f"{v['fd_baseline_downsample']:.4g} | {v['train_wall_time_s']:.0f} |")
-    rows.append(f"| mean colour (baseline) | - | - | - | 24 | {reference['psnr_mean_colour']:.2f} | - "
-                f"| {reference['fd_mean_colour']:.4g} | - | - |")
-    rows.append(f"| train vs val originals (FD floor) | - | - | - | - | - | - "
-                f"| {reference['fd_train_vs_val_originals']:.4g} | - | - |")
+                    f"{100 * v['class_acc_baseline_downsample']:.1f}, {v['fd_baseline_downsample']:.4g} "
+                    f"| {v['train_wall_time_s']:.0f} |")
+    rows.append(f"| mean colour (baseline) | - | - | - | 24 | {reference['psnr_mean_colour']:.2f} "
+                f"| {100 * reference['class_acc_mean_colour']:.1f} | - | {reference['fd_mean_colour']:.4g} | - | - |")
+    rows.append(f"| val originals | - | - | - | - | - | {100 * reference['class_acc_originals']:.1f} | - "
+                f"| {reference['fd_train_vs_val_originals']:.4g} (train vs val: FD floor) | - | - |")
     return "\n".join(rows)
 
 
@@ -309,6 +327,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per variant, equal for all (default: the base config's)")
     parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--style", choices=("shapes", "textures"), default=None,
+                        help="embedded dataset style (default: the base config's data.synthetic_style)")
     parser.add_argument("--out-dir", type=Path, default=None, help="run dirs (default runs/rate-distortion)")
     parser.add_argument("--results-dir", type=Path, default=None,
                         help="JSON + PNG (default benchmarks/results; OUT_DIR/results with --quick)")
@@ -334,10 +354,12 @@ def main() -> None:
     if args.quick:
         args.steps, args.num_val, args.num_train, args.warmup_steps = 4, 64, 256, 1
     # The training budget defaults to the demo config's, identical for every variant.
-    demo = load_config(BASE_CONFIG).tokenizer_train
+    demo_cfg = load_config(BASE_CONFIG)
+    demo = demo_cfg.tokenizer_train
     for name in ("steps", "batch_size", "lr", "warmup_steps"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(demo, name))
+    args.style = args.style or demo_cfg.data.synthetic_style
     args.out_dir = args.out_dir or REPO / ("runs/rate-distortion-quick" if args.quick else "runs/rate-distortion")
     results_dir = args.results_dir or (args.out_dir / "results" if args.quick else REPO / "benchmarks" / "results")
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
@@ -373,7 +395,8 @@ def main() -> None:
         "budget": {"steps": tc.steps, "batch_size": tc.batch_size, "lr": tc.lr, "betas": tc.betas,
                    "warmup_steps": tc.warmup_steps, "schedule": "warmup + cosine to 0", "seed": base_cfg.seed,
                    "resolution": base_cfg.data.resolution, "num_train": base_cfg.data.num_train,
-                   "num_val": base_cfg.data.num_val, "base_config": "configs/demo-rq.yaml",
+                   "num_val": base_cfg.data.num_val, "synthetic_style": base_cfg.data.synthetic_style,
+                   "base_config": "configs/demo-rq.yaml",
                    "common_overrides": common_overrides(args)},
         "feature_net": {"description": "random-feature Frechet distance: 4 conv layers 3-32-64-128-256 (3x3, "
                                        "strides 1,2,2,2, ReLU), global average pool, Kaiming-normal init seeded "

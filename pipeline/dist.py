@@ -75,6 +75,11 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     return env
 
 
+def is_main_process() -> bool:
+    """Rank 0 of the process group, or the only process."""
+    return not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_rank() == 0
+
+
 def barrier() -> None:
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.barrier()

@@ -14,6 +14,9 @@ from .configschema import ConfigError, option
 class DataConfig:
     source: str = option("synthetic", "where images come from: the embedded procedural dataset or an ImageFolder tree",
                          choices=("synthetic", "imagefolder"))
+    synthetic_style: str = option("textures", "synthetic: 'shapes' (one large flat-coloured object, classes told "
+                                  "apart by shape and colour: the CPU demos) or 'textures' (small objects, classes "
+                                  "told apart by fine textures)", choices=("shapes", "textures"))
     root: str = option("", "ImageFolder root (one sub-folder per class, optional train/ and val/ sub-trees)")
     resolution: int = option(64, "side of the square images after resize + center crop (px)", ge=8, le=1024)
     num_classes: int = option(10, "number of classes (synthetic: renders this many; imagefolder: the class folders "
@@ -60,6 +63,8 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "how many most recent checkpoints to keep", ge=1)
     log_every: int = option(10, "TensorBoard scalars every N steps", ge=1)
     eval_every: int = option(0, "eval on val shards every N steps (0: only at the end)", ge=0)
+    eval_classifier: bool = option(False, "eval: also report a probe classifier's accuracy on val originals vs "
+                                   "reconstructions (trained once on the train shards, cached in RUN_DIR/classifier)")
     eval_images: int = option(200, "val images used per eval", ge=1)
 
 

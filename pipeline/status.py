@@ -12,7 +12,8 @@ from .rundir import RunDir
 
 
 # Shown first when a stage reports them (done.json stores keys sorted, which would bury them).
-KEY_METRICS = ("psnr", "psnr_baseline_mean_colour", "psnr_baseline_downsample", "fid", "tokenizer_eval_psnr")
+KEY_METRICS = ("psnr", "class_acc_reconstructions", "class_acc_originals", "psnr_baseline_mean_colour",
+               "psnr_baseline_downsample", "fid", "tokenizer_eval_psnr")
 _KEY_RANK = {key: i for i, key in enumerate(KEY_METRICS)}
 
 

@@ -27,7 +27,7 @@ SECTIONS = ("data",)
 IGNORED_KEYS = ("data.random_crop", "data.hflip", "data.max_reject_fraction")
 # Config fields that change the shard bytes; the reader-only ones (hflip, num_workers...) do not.
 SHARD_FIELDS = ("source", "root", "resolution", "num_classes", "num_train", "num_val", "val_fraction", "format",
-                "image_encoding")
+                "image_encoding", "synthetic_style")
 LOAD_CHUNK = 32  # images decoded/rendered per pool task (bounds memory, keeps numpy batched)
 
 

@@ -25,5 +25,8 @@ def test_rate_distortion_quick(tmp_path):
     assert by_name["rq-d2"]["bits_per_image"] == 32 * 8                # K = 256
     for v in result["variants"]:
         assert v["psnr"] > 5 and v["fd_random_features"] > 0 and v["train_wall_time_s"] > 0
+        assert 0 <= v["class_acc"] <= 1 and 0 <= v["class_acc_baseline_downsample"] <= 1
+    # The probe classifier recognises the originals (shapes: class = shape and colour).
+    assert result["reference"]["class_acc_originals"] > 0.9 and result["budget"]["synthetic_style"] == "shapes"
     assert (tmp_path / "results/rate_distortion.png").stat().st_size > 10_000
     assert "| RQ 4x4x2 |" in proc.stdout                              # the markdown table is printed

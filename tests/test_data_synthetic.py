@@ -41,3 +41,19 @@ def test_images_mix_flat_background_and_detailed_objects():
     flat_fraction = (detail <= 3).mean(axis=(1, 2))
     busy_fraction = (detail >= 40).mean(axis=(1, 2))
     assert (flat_fraction > 0.5).all() and (busy_fraction > 0.005).all()
+
+
+def test_shapes_style_is_deterministic_balanced_and_big():
+    full, labels = synthetic.render(3, "train", np.arange(30), 32, 10, "shapes")
+    picked, _ = synthetic.render(3, "train", [29, 4], 32, 10, "shapes")
+    np.testing.assert_array_equal(picked, full[[29, 4]])
+    assert np.bincount(labels, minlength=10).tolist() == [3] * 10
+    names = synthetic.class_names(10, "shapes")
+    assert len(set(names)) == 10 and names[0] == "disc_red"
+    # One large object: the most saturated pixels (the object's class colour) cover a big share.
+    rgb = full.astype(np.float32) / 255
+    saturation = rgb.max(axis=3) - rgb.min(axis=3)
+    object_fraction = (saturation > 0.4).mean(axis=(1, 2))
+    assert (object_fraction > 0.08).all() and np.median(object_fraction) > 0.2
+    with pytest.raises(ValueError, match="synthetic style"):
+        synthetic.render(0, "train", [0], 32, 10, "stripes")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import TINY_TOKENIZER, free_port, tessera
@@ -59,6 +60,8 @@ def test_export_done_and_skip(reference_run):
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     codes = model.encode(images)
     assert codes.shape == (2, 8, 8, 4) and model.decode(codes).shape == (2, 3, 16, 16)
+    grid = Image.open(reference_run / "train_tokenizer/reconstructions.png")  # originals above reconstructions
+    assert grid.format == "PNG" and grid.height >= 2 * 16 and grid.width > grid.height
     again = run_tokenizer(reference_run, "tokenizer_train.steps=12", "tokenizer_train.checkpoint_every=4")
     assert "train_tokenizer: skipped" in again.stdout
     assert list((reference_run / "tensorboard/train_tokenizer").iterdir())

@@ -89,13 +89,15 @@ def encode_image(pixels: np.ndarray, encoding: str) -> bytes:
 class SyntheticSource:
     kind = "synthetic"
 
-    def __init__(self, seed: int, resolution: int, num_classes: int, num_train: int, num_val: int):
-        self.seed, self.resolution, self.num_classes = seed, resolution, num_classes
+    def __init__(self, seed: int, resolution: int, num_classes: int, num_train: int, num_val: int,
+                 style: str = "textures"):
+        self.seed, self.resolution, self.num_classes, self.style = seed, resolution, num_classes, style
         self.split_sizes = {name: n for name, n in (("train", num_train), ("val", num_val)) if n > 0}
-        self.class_names = synthetic.class_names(num_classes)
+        self.class_names = synthetic.class_names(num_classes, style)
 
     def load(self, split: str, start: int, stop: int) -> list[LoadedImage]:
-        images, labels = synthetic.render(self.seed, split, np.arange(start, stop), self.resolution, self.num_classes)
+        images, labels = synthetic.render(self.seed, split, np.arange(start, stop), self.resolution, self.num_classes,
+                                          self.style)
         return [LoadedImage(split, start + i, int(labels[i]), f"synthetic/{split}/{start + i}", images[i])
                 for i in range(stop - start)]
 
@@ -178,5 +180,6 @@ def _seeded_split(files: list, seed: int, val_fraction: float) -> dict[str, list
 def make_source(data_cfg, seed: int):
     """The source named by a DataConfig."""
     if data_cfg.source == "synthetic":
-        return SyntheticSource(seed, data_cfg.resolution, data_cfg.num_classes, data_cfg.num_train, data_cfg.num_val)
+        return SyntheticSource(seed, data_cfg.resolution, data_cfg.num_classes, data_cfg.num_train, data_cfg.num_val,
+                               data_cfg.synthetic_style)
     return ImageFolderSource(data_cfg.root, data_cfg.resolution, seed, data_cfg.val_fraction)

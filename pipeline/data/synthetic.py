@@ -1,6 +1,10 @@
 """The embedded default dataset: procedural, class-labelled images, no download.
 
-Each image is a flat or smooth-gradient background (little information) with one to three
+Two styles (`data.synthetic_style`): `shapes` (synthetic_shapes.py: one large flat-coloured
+object per image, classes told apart by shape and colour; the CPU demos use it) and `textures`
+(this module: small textured objects, classes told apart by fine textures; harder).
+
+In the `textures` style each image is a flat or smooth-gradient background (little information) with one to three
 small objects carrying a fine texture (a lot of information), so a tokenizer that spends codes
 where the information is (DQ-VAE) has something to find. The class is the object family
 (shape + texture); classes beyond the twelve families reuse them at higher texture frequencies.
@@ -15,6 +19,8 @@ import zlib
 
 import numpy as np
 
+from . import synthetic_shapes
+
 FAMILIES = (
     "checker_disc", "striped_square", "dotted_triangle", "noise_blob", "striped_ring", "checker_cross",
     "ringed_diamond", "wavy_ellipse", "hatched_star", "plaid_hexagon", "spiral_disc", "speckled_rect",
@@ -27,8 +33,14 @@ _NUM_PARAMS = 9 + MAX_OBJECTS * _PARAMS_PER_OBJECT
 _RENDER_CHUNK = 256  # images per vectorised block: keeps the float32 working set in cache-sized pieces
 
 
-def class_names(num_classes: int) -> list[str]:
-    """`family` for the first twelve classes, `family_fN` (N-th frequency variant) after that."""
+STYLES = ("shapes", "textures")
+
+
+def class_names(num_classes: int, style: str = "textures") -> list[str]:
+    """textures: `family` for the first twelve classes, `family_fN` (N-th frequency variant) after
+    that; shapes: `shape_colour`."""
+    if style == "shapes":
+        return synthetic_shapes.class_names(num_classes)
     names = []
     for label in range(num_classes):
         family, variant = label % len(FAMILIES), label // len(FAMILIES)
@@ -51,13 +63,21 @@ def _image_uniforms(seed: int, split: str, indices: np.ndarray) -> np.ndarray:
     return np.stack([np.random.default_rng([seed, code, int(i)]).random(_NUM_PARAMS) for i in indices]).astype(np.float32)
 
 
-def render(seed: int, split: str, indices, resolution: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def render(seed: int, split: str, indices, resolution: int, num_classes: int,
+           style: str = "textures") -> tuple[np.ndarray, np.ndarray]:
     """Images (n, R, R, 3) uint8 and labels (n,) int64 for the given sample indices."""
+    if style not in STYLES:
+        raise ValueError(f"synthetic style {style!r}: choose one of {', '.join(STYLES)}")
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     images = np.empty((len(indices), resolution, resolution, 3), dtype=np.uint8)
     for start in range(0, len(indices), _RENDER_CHUNK):
         block = indices[start:start + _RENDER_CHUNK]
-        images[start:start + len(block)] = _render_block(seed, split, block, resolution, num_classes)
+        if style == "shapes":
+            u = _image_uniforms(seed, split, block)
+            images[start:start + len(block)] = synthetic_shapes.render_block(u, label_of(block, num_classes),
+                                                                             resolution)
+        else:
+            images[start:start + len(block)] = _render_block(seed, split, block, resolution, num_classes)
     return images, label_of(indices, num_classes)
 
 

@@ -1,6 +1,7 @@
-"""Tokenizer evaluation on the val shards: PSNR, codebook usage, code length, and the two
-trivial baselines the demo must beat (per-image mean colour; a blurred downsample that spends
-the same number of bits as the codes; both live in pipeline.metrics)."""
+"""Tokenizer evaluation on the val shards: PSNR, codebook usage, code length, the two trivial
+baselines the demo must beat (per-image mean colour; a blurred downsample that spends the same
+number of bits as the codes; both live in pipeline.metrics) and, with a probe classifier, how
+often the class of an original and of its reconstruction is recognised."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from ..io import atomic_path
 from ..metrics import downsample_baseline, mean_colour_baseline, psnr_per_image
 
 
@@ -28,16 +30,19 @@ def _all_reduce(t: torch.Tensor, device: torch.device, op=dist.ReduceOp.SUM) -> 
 
 
 @torch.no_grad()
-def evaluate_tokenizer(model, batches, *, codebook_size: int, max_images: int,
-                       device: torch.device) -> tuple[dict, tuple[torch.Tensor, torch.Tensor] | None]:
+def evaluate_tokenizer(model, batches, *, codebook_size: int, max_images: int, device: torch.device,
+                       classifier=None) -> tuple[dict, tuple[torch.Tensor, torch.Tensor] | None]:
     """Returns (metrics, (originals, reconstructions) of the first batch for image grids).
 
     `batches` yields (images_BCHW, labels_B, ...); each rank passes its own shard of the val split and
     the sums are all-reduced, so the numbers cover `max_images` in total whatever the world size.
+    With `classifier` (a ProbeClassifier on the CPU) the metrics add its accuracy on the originals
+    and on their reconstructions, and the ratio of the two.
     """
     was_training = model.training
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64)  # psnr, psnr_mean_colour, psnr_downsample, code_len, images
+    # psnr, psnr_mean_colour, psnr_downsample, code_len, images, classified right: originals, reconstructions
+    sums = torch.zeros(7, dtype=torch.float64)
     histograms: list[torch.Tensor] = []
     preview = None
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -54,7 +59,12 @@ def evaluate_tokenizer(model, batches, *, codebook_size: int, max_images: int,
         sums += torch.stack([psnr_per_image(recon, images).double().sum().cpu(),
                              psnr_per_image(mean_colour_baseline(images), images).double().sum().cpu(),
                              psnr_per_image(down, images).double().sum().cpu(),
-                             lengths_B.sum(), torch.tensor(float(images.shape[0]), dtype=torch.float64)])
+                             lengths_B.sum(), torch.tensor(float(images.shape[0]), dtype=torch.float64),
+                             torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)])
+        if classifier is not None:
+            labels = batch[1][: images.shape[0]]
+            sums[5] += float((classifier.predict(images.cpu()) == labels).sum())
+            sums[6] += float((classifier.predict(recon.float().clamp(-1, 1).cpu()) == labels).sum())
         for d, flat in enumerate(code_maps_by_depth(codes)):
             h = torch.bincount(flat.cpu(), minlength=codebook_size).double()
             if d < len(histograms):
@@ -81,8 +91,31 @@ def evaluate_tokenizer(model, batches, *, codebook_size: int, max_images: int,
         "codes_per_image": float(sums[3] / n),
         "eval_images": int(sums[4]),
     }
+    if classifier is not None:
+        metrics["class_acc_originals"] = float(sums[5] / n)
+        metrics["class_acc_reconstructions"] = float(sums[6] / n)
+        metrics["class_acc_ratio"] = float(sums[6] / sums[5]) if sums[5] > 0 else 0.0
     for d in range(hist_DK.shape[0]):
         p = hist_DK[d] / hist_DK[d].sum().clamp_min(1)
         metrics[f"usage_d{d}"] = float((hist_DK[d] > 0).double().mean() * 100)
         metrics[f"perplexity_d{d}"] = float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
     return metrics, preview
+
+
+RECONSTRUCTIONS_PNG = "reconstructions.png"  # in the stage folder: originals above their reconstructions
+
+
+def save_image_grid(preview: tuple[torch.Tensor, torch.Tensor], path, min_side: int = 128) -> None:
+    """Originals in the top row, reconstructions below, as a PNG (written atomically); small
+    images are enlarged (nearest neighbour) so a person can see them."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    originals, recons = preview
+    grid = make_grid(torch.cat([originals, recons.clamp(-1, 1)]), nrow=originals.shape[0], padding=2,
+                     normalize=True, value_range=(-1, 1))
+    scale = max(1, math.ceil(min_side / originals.shape[-1]))
+    array = (grid.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype("uint8")
+    image = Image.fromarray(array).resize((grid.shape[2] * scale, grid.shape[1] * scale), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

@@ -30,7 +30,8 @@ from .engine import deepspeed_config, engine_meta, make_engine
 from .rng import capture_rng_state, restore_rng_state
 from .schedule import warmup_cosine
 from .signals import PreemptionGuard, Preempted
-from .tokenizer_eval import evaluate_tokenizer
+from .classifier import classifier_for_run
+from .tokenizer_eval import RECONSTRUCTIONS_PNG, evaluate_tokenizer, save_image_grid
 
 
 ENTROPY_CALIBRATION_BATCHES = 16  # x 64 images: enough for a stable percentile of patch entropies
@@ -80,6 +81,7 @@ class TokenizerTrainer:
     def __init__(self, cfg: Config, env: DistEnv, device: torch.device, stage_dir: Path, loaders: LoaderFactory,
                  logger: logging.Logger, writer=None):
         self.cfg, self.env, self.device, self.logger, self.writer = cfg, env, device, logger, writer
+        self.stage_dir = Path(stage_dir)
         self.train_cfg = cfg.tokenizer_train
         self.loaders = loaders
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank
@@ -249,8 +251,14 @@ class TokenizerTrainer:
     def evaluate(self) -> dict:
         tc = self.train_cfg
         loader = self.loaders.val(max(1, min(64, self.batch_per_rank)))
+        classifier = None
+        if tc.eval_classifier:  # collective: rank 0 trains it once, every rank loads the cached file
+            classifier, _ = classifier_for_run(self.stage_dir.parent, self.loaders.manifest, seed=self.cfg.seed,
+                                               logger=self.logger)
         metrics, preview = evaluate_tokenizer(self.model, loader, codebook_size=self.cfg.tokenizer.codebook_size,
-                                              max_images=tc.eval_images, device=self.device)
+                                              max_images=tc.eval_images, device=self.device, classifier=classifier)
+        if preview is not None and self.env.is_main:
+            save_image_grid(preview, self.stage_dir / RECONSTRUCTIONS_PNG)
         if self.writer is not None:
             for key, value in metrics.items():
                 self.writer.add_scalar(f"eval/{key}", value, self.step)
