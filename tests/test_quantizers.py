@@ -236,3 +236,13 @@ def test_ema_and_restarts_keep_two_ranks_identical():
     assert int(s0["update_step"]) == 3
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k
+
+
+def test_kmeans_init_starts_from_distinct_batch_vectors():
+    torch.manual_seed(0)
+    q = ResidualQuantizer(4, 16, 1, dead_code_threshold=0.0, kmeans_init=True, kmeans_iters=0).train()
+    vectors = torch.randn(24, 4)  # 24 distinct vectors for 16 codes
+    q._kmeans_init(vectors)  # the starting centres (no Lloyd iterations, no EMA step after them)
+    book = q.embed[0]
+    assert torch.unique(book, dim=0).shape[0] == 16  # with replacement, duplicates appear (p ~ 0.99)
+    assert all(any(torch.equal(code, v) for v in vectors) for code in book)

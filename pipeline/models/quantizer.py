@@ -225,7 +225,10 @@ class ResidualQuantizer(nn.Module):
         for b in range(self.embed.shape[0]):
             book = self.embed[b].clone()
             if _is_rank0():
-                idx = torch.randint(r_NC.shape[0], (self.codebook_size,), generator=self._generator(salt=10_000 + b))
+                # Distinct starting points (a repeated one is a wasted centre); only a batch with fewer
+                # vectors than codes repeats them, each before any is used twice.
+                perm = torch.randperm(r_NC.shape[0], generator=self._generator(salt=10_000 + b))
+                idx = perm[torch.arange(self.codebook_size) % r_NC.shape[0]]
                 book = r_NC[idx.to(r_NC.device)].clone()
                 for _ in range(self.kmeans_iters):
                     assign, _ = kernels.nearest_code(r_NC, book)
