@@ -298,6 +298,11 @@ def plot_title(result: dict) -> str:
             f"{b['batch_size']}, lr {b['lr']:g}, K={k}, {b['num_val']} val images")
 
 
+def _percent(record: dict, key: str) -> str:
+    """A class accuracy in %, or '-' in results saved before the classifier column existed."""
+    return f"{100 * record[key]:.1f}" if key in record else "-"
+
+
 def markdown_table(variants: list[dict], reference: dict) -> str:
     rows = ["| variant | grid / depth | params | codes/image | bits/image | PSNR val (dB) | class acc % | usage % per "
             "depth | random-feature FD | downsample baseline: side, PSNR, class acc %, FD | train s |",
@@ -311,13 +316,13 @@ def markdown_table(variants: list[dict], reference: dict) -> str:
         bits = f"{v['bits_per_image']:.0f}" + (f" (+{v['side_info_bits']:.0f} map)" if v["side_info_bits"] else "")
         grid = f"{v['grid']}x{v['grid']}" + (f"/{2 * v['grid']}x{2 * v['grid']}" if v["kind"] == "dq" else "")
         rows.append(f"| {v['label']} | {grid}, D={v['depth']} | {v['parameters'] / 1e6:.2f}M | {codes} | {bits} "
-                    f"| {v['psnr']:.2f} | {100 * v['class_acc']:.1f} | {usage} | {v['fd_random_features']:.4g} "
+                    f"| {v['psnr']:.2f} | {_percent(v, 'class_acc')} | {usage} | {v['fd_random_features']:.4g} "
                     f"| {v['downsample_side']}x{v['downsample_side']}, {v['psnr_baseline_downsample']:.2f}, "
-                    f"{100 * v['class_acc_baseline_downsample']:.1f}, {v['fd_baseline_downsample']:.4g} "
+                    f"{_percent(v, 'class_acc_baseline_downsample')}, {v['fd_baseline_downsample']:.4g} "
                     f"| {v['train_wall_time_s']:.0f} |")
     rows.append(f"| mean colour (baseline) | - | - | - | 24 | {reference['psnr_mean_colour']:.2f} "
-                f"| {100 * reference['class_acc_mean_colour']:.1f} | - | {reference['fd_mean_colour']:.4g} | - | - |")
-    rows.append(f"| val originals | - | - | - | - | - | {100 * reference['class_acc_originals']:.1f} | - "
+                f"| {_percent(reference, 'class_acc_mean_colour')} | - | {reference['fd_mean_colour']:.4g} | - | - |")
+    rows.append(f"| val originals | - | - | - | - | - | {_percent(reference, 'class_acc_originals')} | - "
                 f"| {reference['fd_train_vs_val_originals']:.4g} (train vs val: FD floor) | - | - |")
     return "\n".join(rows)
 

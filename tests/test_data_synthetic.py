@@ -49,7 +49,7 @@ def test_shapes_style_is_deterministic_balanced_and_big():
     np.testing.assert_array_equal(picked, full[[29, 4]])
     assert np.bincount(labels, minlength=10).tolist() == [3] * 10
     names = synthetic.class_names(10, "shapes")
-    assert len(set(names)) == 10 and names[0] == "disc_red"
+    assert len(set(names)) == 10 and names[:2] == ["disc_red", "square_red"]  # two shapes per hue
     # One large object: the most saturated pixels (the object's class colour) cover a big share.
     rgb = full.astype(np.float32) / 255
     saturation = rgb.max(axis=3) - rgb.min(axis=3)

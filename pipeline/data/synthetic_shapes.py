@@ -1,11 +1,13 @@
 """The `shapes` style of the embedded dataset: one large, flat-coloured object per image.
 
 The demo's style. A class is a (shape, colour) pair that survives a coarse code grid: a disc,
-a square, a triangle, ... each in its own saturated hue, filling a third to most of the image on
-a muted background, so a tokenizer trained for minutes on a CPU keeps what makes each class and a
+a square, a triangle, ... in saturated hues, filling a third to most of the image on a muted
+background, so a tokenizer trained for minutes on a CPU keeps what makes each class and a
 class-conditional prior has something to learn (the `textures` style tells classes apart by 1-2 px
-textures, which such a tokenizer blurs away). With more classes than shapes, shapes repeat with
-other hues (golden-ratio spaced), so every class is still a distinct pair.
+textures, which such a tokenizer blurs away). Two classes share each hue (red disc, red square;
+yellow triangle, yellow cross; ...), so colour alone identifies only the pair: recognising the
+class needs the shape too. With more classes than shapes, shapes repeat with other hues
+(golden-ratio spaced), so every class is still a distinct pair.
 
 Like the textured style, every image is a pure function of (seed, split, index).
 """
@@ -22,9 +24,11 @@ def class_names(num_classes: int) -> list[str]:
 
 
 def class_hue(label: int) -> float:
-    """Evenly spaced hues for the first len(SHAPES) classes, golden-ratio steps after that."""
+    """Classes 2k and 2k+1 share a hue (five hues for the first ten classes), so neither colour nor
+    shape alone tells every class apart: a reconstruction (or a sample) must keep both. Past the
+    first len(SHAPES) classes, golden-ratio steps."""
     if label < len(SHAPES):
-        return label / len(SHAPES)
+        return (label // 2) / (len(SHAPES) // 2)
     return (label * 0.6180339887) % 1.0
 
 
