@@ -26,7 +26,8 @@ def test_rate_distortion_quick(tmp_path):
     for v in result["variants"]:
         assert v["psnr"] > 5 and v["fd_random_features"] > 0 and v["train_wall_time_s"] > 0
         assert 0 <= v["class_acc"] <= 1 and 0 <= v["class_acc_baseline_downsample"] <= 1
-    # The probe classifier recognises the originals (shapes: class = shape and colour).
-    assert result["reference"]["class_acc_originals"] > 0.9 and result["budget"]["synthetic_style"] == "shapes"
+    # The probe classifier recognises the originals by shape and colour
+    # (quick: 256 train images; colour alone would give at most 0.5, chance is 0.1)
+    assert result["reference"]["class_acc_originals"] > 0.6 and result["budget"]["synthetic_style"] == "shapes"
     assert (tmp_path / "results/rate_distortion.png").stat().st_size > 10_000
     assert "| RQ 4x4x2 |" in proc.stdout                              # the markdown table is printed
