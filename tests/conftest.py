@@ -23,6 +23,7 @@ TINY_TOKENIZER = [
     "tokenizer.ch=8", "tokenizer.ch_mult=[1,2]", "tokenizer.patch_size=1", "tokenizer.z_channels=8",
     "tokenizer.codebook_size=32",
     "tokenizer_train.batch_size=8", "tokenizer_train.eval_images=16", "tokenizer_train.warmup_steps=2",
+    "tokenizer_train.eval_classifier=false",  # the demo configs' probe classifier: tested where it is enabled
 ]
 
 

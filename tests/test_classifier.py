@@ -31,6 +31,16 @@ def test_trained_once_cached_and_retrained_for_other_shards(tmp_path, monkeypatc
     assert weights.stat().st_mtime_ns != stamp
 
 
+def test_training_it_leaves_the_callers_rng_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(classifier_lib, "STEPS", 5)
+    run_stage("shard", load_config(None, SHAPES), tmp_path)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    classifier_lib.classifier_for_run(tmp_path, tmp_path / "shard/manifest.json", seed=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
 class ByLabel(torch.nn.Module):
     """A 'classifier' that reads the label painted into pixel (0, 0): right on the originals, and
     on a reconstruction exactly when the model kept that pixel."""

@@ -17,6 +17,7 @@ from conftest import TINY_TOKENIZER, free_port, tessera
 from pipeline.artifacts import load_tokenizer
 
 TINY = TINY_TOKENIZER
+REFERENCE = ["tokenizer_train.steps=12", "tokenizer_train.checkpoint_every=4", "tokenizer_train.eval_classifier=true"]
 pytestmark = pytest.mark.e2e
 
 
@@ -48,7 +49,7 @@ def assert_bitwise_equal(a: dict, b: dict):
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ref")
-    run_tokenizer(run_dir, "tokenizer_train.steps=12", "tokenizer_train.checkpoint_every=4")
+    run_tokenizer(run_dir, *REFERENCE)
     return run_dir
 
 
@@ -56,13 +57,17 @@ def test_export_done_and_skip(reference_run):
     done = json.loads((reference_run / "train_tokenizer/done.json").read_text())
     assert done["counts"]["steps"] == 12 and done["metrics"]["eval_images"] == 16
     assert done["metrics"]["psnr"] > 0 and "usage_d0" in done["metrics"]
+    # The probe classifier ran in the final eval (the weights were final before it: the other
+    # tests compare their weights with this run's).
+    assert 0 <= done["metrics"]["class_acc_reconstructions"] <= 1 and done["metrics"]["class_acc_originals"] > 0.1
+    assert (reference_run / "classifier/classifier.safetensors").is_file()
     model = load_tokenizer(reference_run / "train_tokenizer")
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     codes = model.encode(images)
     assert codes.shape == (2, 8, 8, 4) and model.decode(codes).shape == (2, 3, 16, 16)
     grid = Image.open(reference_run / "train_tokenizer/reconstructions.png")  # originals above reconstructions
     assert grid.format == "PNG" and grid.height >= 2 * 16 and grid.width > grid.height
-    again = run_tokenizer(reference_run, "tokenizer_train.steps=12", "tokenizer_train.checkpoint_every=4")
+    again = run_tokenizer(reference_run, *REFERENCE)
     assert "train_tokenizer: skipped" in again.stdout
     assert list((reference_run / "tensorboard/train_tokenizer").iterdir())
 

@@ -39,7 +39,8 @@ def classifier_for_run(run_dir: str | Path, manifest_path: str | Path, *, seed: 
         train_classifier(manifest_path, folder, seed=seed, manifest_sha=manifest_sha, logger=logger)
     barrier()
     meta = _cached_meta(folder, manifest_sha)
-    model = ProbeClassifier(meta["num_classes"], meta["width"])
+    with torch.random.fork_rng(devices=[]):  # the throwaway initialisation must not draw from the caller's RNG
+        model = ProbeClassifier(meta["num_classes"], meta["width"])
     load_model(model, str(folder / WEIGHTS))
     return model.eval(), meta
 
@@ -54,11 +55,18 @@ def _cached_meta(folder: Path, manifest_sha: str) -> dict | None:
 
 def train_classifier(manifest_path: str | Path, folder: Path, *, seed: int, manifest_sha: str,
                      logger: logging.Logger) -> dict:
+    # Its own RNG stream: training it mid-run (an eval) must not move the caller's global RNG, or
+    # a resumed run (which finds it cached) would diverge from an uninterrupted one.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _train(manifest_path, folder, seed=seed, manifest_sha=manifest_sha, logger=logger)
+
+
+def _train(manifest_path, folder: Path, *, seed: int, manifest_sha: str, logger: logging.Logger) -> dict:
     from ..data.reader import make_image_loader
 
     manifest = read_json(manifest_path)
     start = time.perf_counter()
-    torch.manual_seed(seed)
     model = ProbeClassifier(manifest["num_classes"])
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=STEPS, pct_start=0.1)
