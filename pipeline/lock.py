@@ -20,6 +20,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -32,7 +33,12 @@ from .io import atomic_write_json, read_json
 
 HEARTBEAT_S = float(os.environ.get("TESSERA_LOCK_HEARTBEAT_S", "30"))
 STALE_AFTER_S = float(os.environ.get("TESSERA_LOCK_STALE_S", "300"))
-LOCK_FILE_NAMES = ("lock.json", ".lock")  # prefixes of every lock file (kept by --force, ignored by status)
+_LOCK_FILE = re.compile(r"^(lock(\.task-\d+)?\.json|\.lock(\.task-\d+)?)$")
+
+
+def is_lock_file(name: str) -> bool:
+    """A lease or guard file (kept by --force, not counted as work by `tessera status`)."""
+    return bool(_LOCK_FILE.match(name))
 
 
 class LockHeld(StageError):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .io import atomic_write_json, read_json
+from .lock import is_lock_file
 
 STAGE_NAMES = ("shard", "train_tokenizer", "precompute_codes", "train_prior", "sample", "score")
 
@@ -63,8 +64,7 @@ class RunDir:
         if done is not None:
             return StageState(stage, "done", done)
         folder = self.stage_dir(stage)
-        has_work = folder.is_dir() and any(p.name != "log.txt" and not p.name.startswith(("lock", ".lock"))
-                                           for p in folder.iterdir())
+        has_work = folder.is_dir() and any(p.name != "log.txt" and not is_lock_file(p.name) for p in folder.iterdir())
         return StageState(stage, "partial" if has_work else "not started", None)
 
     def states(self) -> list[StageState]:

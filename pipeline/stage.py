@@ -37,7 +37,7 @@ from .config import Config, changed_keys
 from .errors import StageError, describe_os_error
 from .dist import DistEnv, barrier, broadcast_object, device_for, init_distributed
 from .io import atomic_write_text, sha256_file
-from .lock import LOCK_FILE_NAMES, StageLock
+from .lock import StageLock, is_lock_file
 from .logs import setup_logging
 from .rundir import STAGE_NAMES, RunDir
 
@@ -135,7 +135,7 @@ def _changed_parts(old: dict, new: dict) -> list[str]:
 
 def _clear_stage_dir(stage_dir: Path) -> None:
     for path in stage_dir.iterdir():
-        if path.name == "log.txt" or path.name.startswith(LOCK_FILE_NAMES):
+        if path.name == "log.txt" or is_lock_file(path.name):
             continue
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 

@@ -66,3 +66,18 @@ def test_release_leaves_a_lease_that_is_not_ours(tmp_path):
     (tmp_path / "lock.json").write_text(json.dumps(taken))
     lock.release()
     assert read_lease(tmp_path / "lock.json")["token"] == "other"
+
+
+def test_lock_files_are_not_work_and_survive_force(tmp_path):
+    from pipeline.lock import is_lock_file
+    from pipeline.rundir import RunDir
+    from pipeline.stage import _clear_stage_dir
+
+    assert [is_lock_file(n) for n in ("lock.json", ".lock", "lock.task-3.json", ".lock.task-3")] == [True] * 4
+    assert not any(is_lock_file(n) for n in ("log.txt", "locker.json", "manifest.json"))
+    stage = tmp_path / "shard"
+    with StageLock(stage, task_id=1, num_tasks=2):
+        assert RunDir(tmp_path).state("shard").state == "not started"  # a lock alone is no work
+        (stage / "train").mkdir()
+        _clear_stage_dir(stage)  # what --force does
+        assert sorted(p.name for p in stage.iterdir()) == [".lock.task-1", "lock.task-1.json"]
