@@ -112,17 +112,6 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def remove_stale_temps(folder: str | os.PathLike) -> int:
-    """Delete temp files a killed writer left behind (`.NAME.*.tmp`); returns how many."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    stale = [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return len(stale)
-
-
 def _fsync_dir(folder: Path) -> None:
     # The rename is only durable once the directory entry is flushed too.
     try:
