@@ -22,7 +22,7 @@ class _StageLogFile(logging.FileHandler):
     error that caused it reaches the user through the console and the CLI's error line."""
 
     def handleError(self, record: logging.LogRecord) -> None:
-        pass
+        return  # deliberately silent: the write failure is the disk's, already reported elsewhere
 
 
 def get_logger() -> logging.Logger:

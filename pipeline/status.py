@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .lock import describe_holder, live_holder
 from .rundir import RunDir
+from .train.checkpoint import CheckpointManager
 
 
 # Shown first when a stage reports them (done.json stores keys sorted, which would bury them).
@@ -37,11 +38,10 @@ def _fmt_seconds(s: float | None) -> str:
 
 def progress(stage_dir: Path) -> str:
     """What a partial stage has on disk: its newest checkpoint step, or the units with a sidecar."""
-    steps = sorted(int(p.name.split("_")[1].split(".")[0]) for p in (stage_dir / "checkpoints").glob("step_*")
-                   if p.name.split("_")[1].split(".")[0].isdigit()) if (stage_dir / "checkpoints").is_dir() else []
+    steps = CheckpointManager(stage_dir / "checkpoints").steps()  # newest first
     if steps:
-        return f"checkpoint step={steps[-1]}"
-    units = [p for p in stage_dir.glob("*/*.json")]
+        return f"checkpoint step={steps[0]}"
+    units = list(stage_dir.glob("*/*.json"))
     return f"units written={len(units)}" if units else "-"
 
 

@@ -4,9 +4,9 @@ Two styles (`data.synthetic_style`): `shapes` (synthetic_shapes.py: one large fl
 object per image, classes told apart by shape and colour; the CPU demos use it) and `textures`
 (this module: small textured objects, classes told apart by fine textures; harder).
 
-In the `textures` style each image is a flat or smooth-gradient background (little information) with one to three
-small objects carrying a fine texture (a lot of information), so a tokenizer that spends codes
-where the information is (DQ-VAE) has something to find. The class is the object family
+In the `textures` style each image is a flat or smooth-gradient background (little information)
+with one to three small objects carrying a fine texture (a lot of information), so a tokenizer
+that spends codes where the information is (DQ-VAE) has something to find. The class is the object family
 (shape + texture); classes beyond the twelve families reuse them at higher texture frequencies.
 
 Every image is a pure function of (seed, split, index): its parameters come from a generator

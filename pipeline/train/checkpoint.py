@@ -103,7 +103,7 @@ class CheckpointManager:
     @contextlib.contextmanager
     def saving(self, step: int, meta: dict) -> Iterator[Path]:
         """Collective: every rank writes its files into the yielded temp folder; on exit the
-        folder is published as `step_XXXXXXXX` with its completion record (meta + file sizes)."""
+        folder is published as `step_<step, 8 digits>` with its completion record (meta + file sizes)."""
         token = broadcast_object(f"{uuid.uuid4().hex[:12]}-{os.getpid()}" if _is_main() else None)
         tmp = self.folder / f".step_{step:08d}.{token}.tmp"
         problem = None
