@@ -96,7 +96,8 @@ module = loader.build(verbose=True)
 print(f'built {module.__file__} in {time.perf_counter() - t:.1f} s (cache {loader.cache_dir()})')
 "
 
-# 2. Every test marked `gpu` (tests/test_kernels.py: the CUDA extension against float64 references).
+# 2. Every test marked `gpu` (tests/test_kernels.py: the CUDA extension against float64 references;
+#    and tests/test_rq_transformer.py: attention backends, bf16 KV cache).
 #    A module that fails to import is reported but does not stop the others; a GPU test that is
 #    skipped on a GPU machine counts as a failure.
 part pytest_gpu 150 "$PYTHON" -m pytest -q -m gpu tests/ -p no:cacheprovider -rs --continue-on-collection-errors \
@@ -120,6 +121,11 @@ fi
 #    1048576}, C = 256, fp32 and bf16, one part per K so a slow or failing K keeps the other's table.
 part bench_search_k1024 80 "$PYTHON" benchmarks/codebook_search.py --device cuda --k 1024
 part bench_search_k16384 120 "$PYTHON" benchmarks/codebook_search.py --device cuda --k 16384
+
+# 4. Prior sampling speed: rq-1.4b on 8x8x4 vs a 1.4B raster transformer on 16x16x1 (bf16, KV cache
+#    on/off); the paper reports 4-7x for RQ.
+part bench_sampling 170 "$PYTHON" benchmarks/sampling_speed.py --device cuda --batch-sizes 16 64 256 \
+    --uncached-batch-sizes 16 --repeats 2 --out "$OUT_DIR/sampling_speed_cuda.json"
 
 note "total $(elapsed) s; result: $([ "$FAILED" -eq 0 ] && echo PASSED || echo FAILED)"
 exit "$FAILED"

@@ -1,0 +1,117 @@
+"""Sampling speed of the RQ-Transformer (8x8x4 codes) vs a plain raster transformer of the same
+parameter count on 16x16x1 codes: the paper's comparison (the authors' measure_throughput/,
+which builds the raster model as an RQ-Transformer with depth 1 and no depth layers, as here).
+
+Images/s of the prior alone (code generation; the tokenizer decode is the same kind of cost for
+both and is left out), KV cache on vs off, several batch sizes. Random weights: speed does not
+depend on them. Median of --repeats timed runs after one warm-up.
+
+    python benchmarks/sampling_speed.py --device cpu             # small models, minutes on 2 cores
+    python benchmarks/sampling_speed.py --device cuda            # rq-1.4b vs a 1.4B raster model, bf16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pipeline.configschema import build_section  # noqa: E402
+from pipeline.generation.rq_sampler import sample_rq  # noqa: E402
+from pipeline.generation.sampling import SamplingOptions  # noqa: E402
+from pipeline.models.prior_config import CodeSpec, PriorConfig  # noqa: E402
+from pipeline.models.registry import build_prior  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# name -> (prior config values, code spec). Raster = RQ layers all spatial, depth 1, no depth layers.
+SETUPS = {
+    "cpu": {
+        "rq 8x8x4": (dict(kind="rq", embed_dim=256, n_head=8, spatial_layers=6, depth_layers=2, num_classes=10),
+                     CodeSpec("rq", 1024, 64, 8, 8, 4)),
+        "raster 16x16x1": (dict(kind="rq", embed_dim=256, n_head=8, spatial_layers=8, depth_layers=0,
+                                num_classes=10), CodeSpec("rq", 1024, 64, 16, 16, 1)),
+    },
+    "cuda": {
+        "rq-1.4b 8x8x4": (dict(preset="rq-1.4b"), CodeSpec("rq", 16384, 256, 8, 8, 4)),
+        "raster-1.4b 16x16x1": (dict(preset="rq-1.4b", spatial_layers=48, depth_layers=0),
+                                CodeSpec("rq", 16384, 256, 16, 16, 1)),
+    },
+}
+
+
+def build(values: dict, spec: CodeSpec, device: str) -> torch.nn.Module:
+    cfg = build_section(PriorConfig, dict(values, grad_checkpointing=False), "prior")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_prior(cfg, spec, torch.randn(spec.codebook_size, spec.code_dim))
+    return model.eval()
+
+
+def time_sampling(model, batch: int, device: str, use_cache: bool, repeats: int) -> float:
+    labels = torch.arange(batch) % max(model.num_classes, 1) if model.num_classes else None
+    opts = SamplingOptions(top_k=[model.K], top_p=[0.92])
+
+    def once() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            sample_rq(model, labels, range(batch), seed=0, opts=opts, use_cache=use_cache)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    once()  # warm-up
+    return statistics.median(once() for _ in range(repeats))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    ap.add_argument("--uncached-batch-sizes", type=int, nargs="+", default=None,
+                    help="batch sizes also timed without the KV cache (slow)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    dev = args.device
+    batches = args.batch_sizes or ([1, 8, 32] if dev == "cpu" else [16, 64, 256])
+    uncached = args.uncached_batch_sizes if args.uncached_batch_sizes is not None else ([8] if dev == "cpu" else [64])
+    rows = []
+    print(f"# sampling speed on {dev}: {torch.cuda.get_device_name() if dev == 'cuda' else platform.processor() or 'cpu'}, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print("| model | params | codes | batch | KV cache | images/s |")
+    print("|---|---|---|---|---|---|")
+    for name, (values, spec) in SETUPS[dev].items():
+        model = build(values, spec, dev)
+        n_params = sum(p.numel() for p in model.parameters())
+        for batch in batches:
+            for use_cache in ((True, False) if batch in uncached else (True,)):
+                seconds = time_sampling(model, batch, dev, use_cache, args.repeats)
+                row = dict(model=name, params=n_params, codes=f"{spec.height}x{spec.width}x{spec.depth}",
+                           batch=batch, kv_cache=use_cache, seconds=seconds, images_per_s=batch / seconds)
+                rows.append(row)
+                print(f"| {name} | {n_params / 1e6:.1f}M | {row['codes']} | {batch} | {'on' if use_cache else 'off'} "
+                      f"| {row['images_per_s']:.2f} |", flush=True)
+        del model
+    names = list(SETUPS[dev])
+    print("\nRQ / raster speed-up (KV cache on):")
+    for batch in batches:
+        rq, raster = (next(r for r in rows if r["model"] == n and r["batch"] == batch and r["kv_cache"]) for n in names)
+        print(f"  batch {batch}: {rq['images_per_s'] / raster['images_per_s']:.2f}x")
+    out = args.out or RESULTS / f"sampling_speed_{dev}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": dev, "torch": torch.__version__, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
