@@ -22,7 +22,7 @@ from . import cpu as _cpu
 from . import reference as _reference
 from .loader import KernelBuildError
 
-__all__ = ["nearest_code", "residual_quantize", "soft_codes", "KernelBuildError", "backend_name"]
+__all__ = ["nearest_code", "residual_quantize", "soft_codes", "sample_rows", "KernelBuildError", "backend_name"]
 
 _MODES = ("", "auto", "reference")
 
@@ -73,6 +73,11 @@ def residual_quantize(x_NC, codebook, depth):
     """
     x_NC, codebook = _checks.check_residual(x_NC, codebook, depth)
     return _backend(x_NC.device).residual_quantize(x_NC, codebook, depth)
+
+
+def sample_rows(probs_NK, u_N):
+    """One index per row by inverse CDF from uniforms u_N in [0, 1) (any device; -1 for NaN rows)."""
+    return _reference.sample_rows(probs_NK, u_N)
 
 
 def soft_codes(residual_NC, codebook_KC, tau, *, sample=False, generator=None):

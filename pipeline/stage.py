@@ -169,9 +169,12 @@ def preflight(cfg: Config, names: list[str]) -> None:
 
 
 def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = False, num_tasks: int = 1,
-              task_id: int = 0) -> StageOutcome:
-    """Run one stage on every rank: lock, decide (run / skip / refuse / clear), run, record."""
-    module = load_stage_module(name)
+              task_id: int = 0, module=None) -> StageOutcome:
+    """Run one stage on every rank: lock, decide (run / skip / refuse / clear), run, record.
+
+    `module` stands in for the stage's own module (same NAME and SECTIONS): `tessera import`
+    produces a stage's outputs from foreign checkpoints through the same lock and records."""
+    module = load_stage_module(name) if module is None else module
     preflight(cfg, [name])
     if not 0 <= task_id < num_tasks:
         raise StageError(f"--task-id {task_id} must be in [0, {num_tasks}) for --num-tasks {num_tasks}")

@@ -1,4 +1,8 @@
-"""Residual / vector quantizer math against float64 references, EMA, restarts, soft codes, DDP."""
+"""Residual / vector quantizer math against float64 references, EMA, restarts, soft codes, DDP.
+
+Tests of the one-step EMA and of our restart pin `OURS` (per_depth_update / authors_restart off);
+the authors' variants (the default) are checked in tests/test_fidelity_rq.py.
+"""
 import os
 import tempfile
 
@@ -9,6 +13,9 @@ from einops import rearrange
 
 from conftest import free_port
 from pipeline.models.quantizer import ResidualQuantizer, VectorQuantizer
+
+
+OURS = dict(per_depth_update=False, authors_restart=False)
 
 
 def _ref_rq(z_NC, books, depth):
@@ -68,7 +75,8 @@ def test_straight_through_gradient_and_commitment_gradient():
 def test_ema_update_matches_formula(shared):
     torch.manual_seed(2)
     K, C, D, decay, eps = 16, 4, 2, 0.9, 1e-3
-    q = ResidualQuantizer(C, K, D, shared_codebook=shared, decay=decay, eps=eps, dead_code_threshold=0.0).train()
+    q = ResidualQuantizer(C, K, D, shared_codebook=shared, decay=decay, eps=eps, dead_code_threshold=0.0,
+                          **OURS).train()
     cluster, embed_sum = q.cluster_size.double().clone(), q.embed_sum.double().clone()
     books = _books(q)
     z = torch.randn(2, C, 4, 4)
@@ -96,11 +104,11 @@ def test_eval_mode_never_touches_the_codebook():
 
 def test_dead_code_restart_revives_codes_reproducibly_and_resume_exact():
     torch.manual_seed(3)
-    q = ResidualQuantizer(4, 32, 2, dead_code_threshold=1.0).train()
+    q = ResidualQuantizer(4, 32, 2, dead_code_threshold=1.0, **OURS).train()
     q.embed.mul_(100.0)  # far from the data: almost every code is dead after one EMA step
     q.embed_sum.copy_(q.embed[0])
     z = torch.randn(2, 4, 4, 4)
-    twin = ResidualQuantizer(4, 32, 2, dead_code_threshold=1.0).train()
+    twin = ResidualQuantizer(4, 32, 2, dead_code_threshold=1.0, **OURS).train()
     twin.load_state_dict(q.state_dict())
     codes, _, residuals = _ref_rq(rearrange(z, "b c h w -> (b h w) c"), _books(q), 2)
     q(z)
@@ -114,7 +122,7 @@ def test_dead_code_restart_revives_codes_reproducibly_and_resume_exact():
     twin(z)
     assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), twin.state_dict().values()))
     # Resume: a fresh module loaded from the state_dict continues bitwise identically.
-    resumed = ResidualQuantizer(4, 32, 2, dead_code_threshold=1.0).train()
+    resumed = ResidualQuantizer(4, 32, 2, dead_code_threshold=1.0, **OURS).train()
     resumed.load_state_dict(q.state_dict())
     z2 = torch.randn(2, 4, 4, 4) * 50
     q(z2)
@@ -123,7 +131,7 @@ def test_dead_code_restart_revives_codes_reproducibly_and_resume_exact():
 
 
 def _with_dead_codes(dead, K=64, C=4, seed=0):
-    q = ResidualQuantizer(C, K, 1, dead_code_threshold=1.0, seed=seed).train()
+    q = ResidualQuantizer(C, K, 1, dead_code_threshold=1.0, seed=seed, **OURS).train()
     q.cluster_size[0, dead] = 0.0
     return q
 
@@ -187,6 +195,23 @@ def test_soft_codes_rows_sum_to_one_and_small_tau_is_argmin():
     assert torch.equal(s1, s2) and s1.shape == (2, 3, 3, 3)
 
 
+def test_soft_codes_from_per_sample_uniforms_do_not_depend_on_the_batch():
+    """The prior trainer's stochastic codes: sample b's draws come from its own uniforms, so the
+    codes are the same in a batch of 3 and alone (as on 1 rank vs 3), and follow Q_tau."""
+    torch.manual_seed(4)
+    q = ResidualQuantizer(4, 16, 3).eval()
+    z = torch.randn(3, 4, 2, 2)
+    u = torch.rand(3, 2, 2, 3, dtype=torch.float64)
+    probs, codes = q.soft_codes(z, 2.0, sample=True, uniforms_BHWD=u)
+    for b in range(3):
+        _, alone = q.soft_codes(z[b:b + 1], 2.0, sample=True, uniforms_BHWD=u[b:b + 1])
+        assert torch.equal(alone[0], codes[b])
+    # Inverse CDF at depth 0: the code is the first whose cumulative probability exceeds u.
+    cdf = probs[..., 0, :].cumsum(-1)
+    expected = (cdf < u[..., 0:1].float()).sum(-1).clamp_max(15)
+    assert torch.equal(codes[..., 0], expected)
+
+
 def test_vq_is_exactly_rq_depth_one():
     torch.manual_seed(5)
     rq = ResidualQuantizer(6, 24, 1, kmeans_init=True)
@@ -213,13 +238,13 @@ def test_kmeans_init_lowers_distortion():
     assert km.eval()(z).loss < plain(z).loss
 
 
-def _ddp_worker(rank, world, port, out_dir):
+def _ddp_worker(rank, world, port, out_dir, authors):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)  # identical initial codebook on every rank
-    q = ResidualQuantizer(4, 32, 2, dead_code_threshold=1.0).train()
+    q = ResidualQuantizer(4, 32, 2, dead_code_threshold=1.0, **({} if authors else OURS)).train()
     torch.manual_seed(100 + rank)  # different data per rank
     for _ in range(3):
         q(torch.randn(2, 4, 4, 4) * 3)
@@ -228,9 +253,10 @@ def _ddp_worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
-def test_ema_and_restarts_keep_two_ranks_identical():
+@pytest.mark.parametrize("authors", [True, False], ids=["authors", "ours"])
+def test_ema_and_restarts_keep_two_ranks_identical(authors):
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_ddp_worker, args=(2, free_port(), out_dir), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, free_port(), out_dir, authors), nprocs=2, join=True)
         s0 = torch.load(os.path.join(out_dir, "rank0.pt"))
         s1 = torch.load(os.path.join(out_dir, "rank1.pt"))
     assert int(s0["update_step"]) == 3

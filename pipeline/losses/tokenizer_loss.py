@@ -3,9 +3,11 @@
 generator step:     total = recon + lpips_weight * LPIPS + quant_loss + budget
                             + gan_weight * lambda * (-mean D(recon))      [from disc_start_step]
 discriminator step: hinge(D(images), D(recon.detach()))                  [from disc_start_step]
-quant_loss (beta * commitment) arrives already weighted in the model's aux; budget is the DQ
-budget loss gamma * (fine_ratio - target)^2, for DQ with the learned router only (the entropy
-router has nothing to train).
+quant_loss (beta * commitment) arrives already weighted in the model's aux (DQ with the authors'
+weighting: (1+beta) x commitment in value, beta x in gradient); budget is the DQ budget loss
+gamma * (fine_ratio - target)^2 (the paper's; the authors' released configs amount to 2*gamma,
+see pipeline.losses.budget), for DQ with the learned router only (the entropy router has nothing
+to train).
 """
 from __future__ import annotations
 

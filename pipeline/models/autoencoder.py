@@ -10,6 +10,12 @@ unfolds the decoder's output the same way (PixelShuffle), so every level runs at
 downsampling is p * 2**(len(ch_mult)-1). With p = 1 this is exactly VQGAN's layout. At small
 resolutions it drops the full-resolution levels (few channels over many pixels), which cost as
 much compute as the rest together: a fixed CPU budget then buys twice the steps (README: demos).
+
+With patch_size 1 and norm_groups 32 this is layer for layer the authors' RQ-VAE encoder/decoder
+(kakaobrain/rq-vae-transformer, rqvae/models/rqvae/{modules,layers}.py): same GroupNorm eps,
+SiLU, right/bottom-padded stride-2 Downsample, nearest Upsample + conv, 1x1 skip convs, dropout
+between the second SiLU and conv2, mid block res/attn/res. Only parameter names differ (their
+q/k/v convs are our stacked `qkv`): pipeline/importers/rq_official.py maps them.
 """
 from __future__ import annotations
 
@@ -23,10 +29,18 @@ from torch.utils.checkpoint import checkpoint
 MIN_CHANNELS_PER_GROUP = 4
 
 
-def Normalize(channels: int) -> nn.GroupNorm:
+def Normalize(channels: int, groups: int = 0) -> nn.GroupNorm:
+    """GroupNorm (eps 1e-6, affine). groups=0: adaptive (below); groups=N: exactly N groups, as
+    the authors' VQGAN / RQ-VAE code (always 32) -- needed to load their checkpoints exactly."""
+    if groups:
+        if channels % groups:
+            raise ValueError(f"GroupNorm: {channels} channels are not divisible into {groups} groups "
+                             f"(tokenizer.norm_groups)")
+        return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
     # VQGAN's 32 groups assume >= 128 channels (4 per group). Narrower nets keep >= 4 channels per
     # group: with 1 channel per group GroupNorm becomes InstanceNorm, which erases each image's
     # per-channel mean -- its flat background colour -- so the decoder could not reproduce it.
+    # From 128 channels on (multiples of 32) this is the same 32 groups as the authors' code.
     groups = 32
     while groups > 1 and (channels % groups or channels // groups < MIN_CHANNELS_PER_GROUP):
         groups //= 2
@@ -34,10 +48,10 @@ def Normalize(channels: int) -> nn.GroupNorm:
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, dropout: float = 0.0):
+    def __init__(self, in_ch: int, out_ch: int, dropout: float = 0.0, norm_groups: int = 0):
         super().__init__()
-        self.norm1, self.conv1 = Normalize(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2, self.conv2 = Normalize(out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.norm1, self.conv1 = Normalize(in_ch, norm_groups), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2, self.conv2 = Normalize(out_ch, norm_groups), nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
@@ -48,11 +62,14 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head spatial self-attention (fused SDPA kernel instead of an explicit HW x HW matrix)."""
+    """Single-head spatial self-attention (fused SDPA kernel instead of an explicit HW x HW matrix).
 
-    def __init__(self, ch: int):
+    `qkv` is the authors' three 1x1 convs q, k, v stacked along the output channels (same math,
+    one matmul); softmax scale 1/sqrt(C) as theirs."""
+
+    def __init__(self, ch: int, norm_groups: int = 0):
         super().__init__()
-        self.norm = Normalize(ch)
+        self.norm = Normalize(ch, norm_groups)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = nn.Conv2d(ch, ch, 1)
 
@@ -99,8 +116,9 @@ class _Checkpointed(nn.Module):
         return x
 
 
-def _mid_blocks(ch: int, dropout: float) -> list[nn.Module]:
-    return [ResnetBlock(ch, ch, dropout), AttnBlock(ch), ResnetBlock(ch, ch, dropout)]
+def _mid_blocks(ch: int, dropout: float, norm_groups: int = 0) -> list[nn.Module]:
+    return [ResnetBlock(ch, ch, dropout, norm_groups), AttnBlock(ch, norm_groups),
+            ResnetBlock(ch, ch, dropout, norm_groups)]
 
 
 class EncoderTrunk(nn.Module):
@@ -108,7 +126,7 @@ class EncoderTrunk(nn.Module):
 
     def __init__(self, *, resolution: int, ch: int, ch_mult: list[int], num_res_blocks: int,
                  attn_resolutions: list[int], dropout: float = 0.0, in_channels: int = 3,
-                 grad_checkpointing: bool = False, patch_size: int = 1):
+                 grad_checkpointing: bool = False, patch_size: int = 1, norm_groups: int = 0):
         super().__init__()
         self.stem = nn.PixelUnshuffle(patch_size) if patch_size > 1 else nn.Identity()
         self.conv_in = nn.Conv2d(in_channels * patch_size ** 2, ch, 3, padding=1)
@@ -118,10 +136,10 @@ class EncoderTrunk(nn.Module):
         for i, mult in enumerate(ch_mult):
             out_ch, blocks = ch * mult, []
             for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(in_ch, out_ch, dropout))
+                blocks.append(ResnetBlock(in_ch, out_ch, dropout, norm_groups))
                 in_ch = out_ch
                 if side in attn_resolutions:
-                    blocks.append(AttnBlock(out_ch))
+                    blocks.append(AttnBlock(out_ch, norm_groups))
             self.levels.append(_Checkpointed(blocks, grad_checkpointing))
             self.level_channels.append(out_ch)
             self.level_sides.append(side)
@@ -142,10 +160,11 @@ class EncoderTrunk(nn.Module):
 class EncoderHead(nn.Module):
     """mid block + norm + SiLU + conv_out: maps one trunk level to z_channels."""
 
-    def __init__(self, in_ch: int, z_channels: int, dropout: float = 0.0, grad_checkpointing: bool = False):
+    def __init__(self, in_ch: int, z_channels: int, dropout: float = 0.0, grad_checkpointing: bool = False,
+                 norm_groups: int = 0):
         super().__init__()
-        self.mid = _Checkpointed(_mid_blocks(in_ch, dropout), grad_checkpointing)
-        self.norm_out = Normalize(in_ch)
+        self.mid = _Checkpointed(_mid_blocks(in_ch, dropout, norm_groups), grad_checkpointing)
+        self.norm_out = Normalize(in_ch, norm_groups)
         self.conv_out = nn.Conv2d(in_ch, z_channels, 3, padding=1)
 
     def forward(self, h_BCHW: torch.Tensor) -> torch.Tensor:
@@ -157,12 +176,13 @@ class Encoder(nn.Module):
 
     def __init__(self, *, resolution: int, ch: int, ch_mult: list[int], num_res_blocks: int,
                  attn_resolutions: list[int], z_channels: int, dropout: float = 0.0, in_channels: int = 3,
-                 grad_checkpointing: bool = False, patch_size: int = 1):
+                 grad_checkpointing: bool = False, patch_size: int = 1, norm_groups: int = 0):
         super().__init__()
         self.trunk = EncoderTrunk(resolution=resolution, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
                                   attn_resolutions=attn_resolutions, dropout=dropout, in_channels=in_channels,
-                                  grad_checkpointing=grad_checkpointing, patch_size=patch_size)
-        self.head = EncoderHead(self.trunk.level_channels[-1], z_channels, dropout, grad_checkpointing)
+                                  grad_checkpointing=grad_checkpointing, patch_size=patch_size,
+                                  norm_groups=norm_groups)
+        self.head = EncoderHead(self.trunk.level_channels[-1], z_channels, dropout, grad_checkpointing, norm_groups)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(x_BCHW)[-1])
@@ -173,25 +193,25 @@ class Decoder(nn.Module):
 
     def __init__(self, *, resolution: int, ch: int, ch_mult: list[int], num_res_blocks: int,
                  attn_resolutions: list[int], z_channels: int, dropout: float = 0.0, out_channels: int = 3,
-                 grad_checkpointing: bool = False, patch_size: int = 1):
+                 grad_checkpointing: bool = False, patch_size: int = 1, norm_groups: int = 0):
         super().__init__()
         side = resolution // (patch_size * 2 ** (len(ch_mult) - 1))
         in_ch = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, in_ch, 3, padding=1)
-        self.mid = _Checkpointed(_mid_blocks(in_ch, dropout), grad_checkpointing)
+        self.mid = _Checkpointed(_mid_blocks(in_ch, dropout, norm_groups), grad_checkpointing)
         self.levels, self.ups = nn.ModuleList(), nn.ModuleList()
         for i in reversed(range(len(ch_mult))):
             out_ch, blocks = ch * ch_mult[i], []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(in_ch, out_ch, dropout))
+                blocks.append(ResnetBlock(in_ch, out_ch, dropout, norm_groups))
                 in_ch = out_ch
                 if side in attn_resolutions:
-                    blocks.append(AttnBlock(out_ch))
+                    blocks.append(AttnBlock(out_ch, norm_groups))
             self.levels.append(_Checkpointed(blocks, grad_checkpointing))
             if i > 0:
                 self.ups.append(Upsample(out_ch))
                 side *= 2
-        self.norm_out = Normalize(in_ch)
+        self.norm_out = Normalize(in_ch, norm_groups)
         self.conv_out = nn.Conv2d(in_ch, out_channels * patch_size ** 2, 3, padding=1)
         self.unstem = nn.PixelShuffle(patch_size) if patch_size > 1 else nn.Identity()
 

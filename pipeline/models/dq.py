@@ -3,11 +3,19 @@
 One encoder trunk, two heads: fine features at the level whose side is 2x the coarse grid, coarse
 at the last level. A router picks, per coarse region, either one coarse code or four fine codes.
 The chosen features are merged into one fine-grid map (coarse cells copied 2x2), quantized by a
-single shared VQ, and decoded by a decoder that adds learned 2-D position embeddings, since the
-copied coarse codes otherwise carry no information about where inside the region a cell lies.
+single shared VQ, and decoded by a decoder that adds 2-D position embeddings, since the copied
+coarse codes otherwise carry no information about where inside the region a cell lies.
+
+By default training follows the authors' code (issue 12; README "Fidelity to the authors'
+tokenizers"), each item switchable by its `tokenizer.*` key: the learned router's gradient comes
+from multiplying the chosen branch by its hard gate (`dq_gate_on_chosen`), the VQ loss / EMA use
+the authors' weighting (`dq_unweighted_vq`, in the quantizer), the entropy router uses a
+Gaussian-kernel histogram (`dq_gaussian_entropy`), and the router's GroupNorm and the decoder's
+Fourier + row/column position embedding are theirs (`dq_authors_layers`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -18,6 +26,7 @@ from torch import nn
 
 from .autoencoder import Decoder, EncoderHead, EncoderTrunk, Normalize
 from .quantizer import VectorQuantizer
+from .tokenizer_config import fidelity
 from .tokenizers import Tokenizer, TokenizerAux, _arch_kwargs, quantizer_kwargs
 
 
@@ -67,18 +76,61 @@ class DQCodes:
         return (g == 0).sum((1, 2)) + 4 * (g == 1).sum((1, 2))
 
 
-def patch_entropy(images_BCHW: torch.Tensor, grid: int, bins: int = 32) -> torch.Tensor:
-    """Entropy (nats) of a soft grayscale histogram over [-1, 1] in each of grid x grid patches.
+def patch_entropy(images_BCHW: torch.Tensor, grid: int, bins: int = 32, *, kernel: str = "gaussian",
+                  sigma: float = 0.01) -> torch.Tensor:
+    """Entropy (nats) of a soft grayscale histogram with `bins` centres over [-1, 1] in each of
+    grid x grid patches. Returns (B, grid, grid).
 
-    Triangular (linear) bin assignment makes the histogram a smooth function of the pixels and its
-    weights sum to 1 per pixel. Returns (B, grid, grid).
+    kernel="gaussian" (the authors' Entropy module): gray = 0.2989 R + 0.5870 G + 0.1140 B, not
+    clamped; each pixel adds exp(-(v - c)^2 / (2 sigma^2)) to every bin c; the patch histogram is the
+    mean over its pixels, normalised to sum 1 (+1e-40), and +1e-40 inside the log. With sigma 0.01
+    and 32 bins (spacing 0.065) a pixel counts only near a bin centre: a flat patch scores ~0.
+    kernel="triangular" (ours before): linear bin assignment on clamped gray (0.299/0.587/0.114), a
+    smooth function of the pixels whose weights sum to 1 per pixel; a flat patch between two
+    centres scores up to ln 2.
     """
-    rgb = images_BCHW.float().clamp(-1, 1)
-    gray_BHW = (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]) if rgb.shape[1] == 3 else rgb[:, 0]
+    rgb = images_BCHW.float()
     centers_K = torch.linspace(-1, 1, bins, device=rgb.device)
+    if kernel == "gaussian":
+        gray_BHW = (0.2989 * rgb[:, 0] + 0.5870 * rgb[:, 1] + 0.1140 * rgb[:, 2]) if rgb.shape[1] == 3 else rgb[:, 0]
+        w_BHWK = torch.exp(-0.5 * ((gray_BHW[..., None] - centers_K) / sigma).pow(2))
+        pdf = rearrange(w_BHWK, "b (h p) (w q) k -> b h w (p q) k", h=grid, w=grid).mean(-2)
+        pdf = pdf / (pdf.sum(-1, keepdim=True) + 1e-40) + 1e-40
+        return -(pdf * torch.log(pdf)).sum(-1)
+    if kernel != "triangular":
+        raise ValueError(f"patch_entropy: unknown kernel {kernel!r}; 'gaussian' or 'triangular'")
+    rgb = rgb.clamp(-1, 1)
+    gray_BHW = (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]) if rgb.shape[1] == 3 else rgb[:, 0]
     w_BHWK = F.relu(1 - (gray_BHW[..., None] - centers_K).abs() * ((bins - 1) / 2))
     hist = rearrange(w_BHWK, "b (h p) (w q) k -> b h w (p q) k", h=grid, w=grid).mean(-2)
     return -(hist * torch.log(hist.clamp_min(1e-12))).sum(-1)
+
+
+class AuthorsPositionEmbedding(nn.Module):
+    """The authors' DQ decoder position bias ("fourier+learned"), added to the side x side latent:
+    sin(W [x, y] + b) with (x, y) on linspace(-1, 1) grids (x along the width) and W uniform in
+    +-sqrt(9/2) (a SIREN-style first layer), then row_embed[i] + col_embed[j], both truncated
+    normal (std 1, cut at +-2)."""
+
+    def __init__(self, channels: int, side: int):
+        super().__init__()
+        self.side = side
+        self.fourier = nn.Conv2d(2, channels, 1)
+        nn.init.uniform_(self.fourier.weight, -math.sqrt(9 / 2), math.sqrt(9 / 2))
+        self.row_embed = nn.Embedding(side, channels)
+        self.col_embed = nn.Embedding(side, channels)
+        for emb in (self.row_embed, self.col_embed):
+            nn.init.trunc_normal_(emb.weight, std=1.0, a=-2.0, b=2.0)
+
+    def coords(self, device, dtype) -> torch.Tensor:
+        """(1, 2, side, side): channel 0 = x (varies along the width), 1 = y (along the height)."""
+        t = torch.linspace(-1, 1, self.side, device=device, dtype=dtype)
+        return torch.stack([t[None, :].expand(self.side, -1), t[:, None].expand(-1, self.side)])[None]
+
+    def forward(self, h_BCHW: torch.Tensor) -> torch.Tensor:
+        h_BCHW = h_BCHW + torch.sin(self.fourier(self.coords(h_BCHW.device, h_BCHW.dtype)))
+        pos = self.row_embed.weight[:, None, :] + self.col_embed.weight[None, :, :]  # (rows, cols, C)
+        return h_BCHW + rearrange(pos, "h w c -> 1 c h w").to(h_BCHW.dtype)
 
 
 class DQTokenizer(Tokenizer):
@@ -93,16 +145,29 @@ class DQTokenizer(Tokenizer):
         self.target_ratio = cfg.target_ratio
         self.gumbel_tau, self.coarse_vq_weight, self.entropy_bins = cfg.gumbel_tau, cfg.coarse_vq_weight, cfg.entropy_bins
         self.coarse_side = resolution // cfg.downsample_factor
+        # Issue 12 fidelity switches (see the module docstring); each follows tokenizer.reference_behaviour.
+        self.gate_on_chosen = fidelity(cfg, "dq_gate_on_chosen")
+        self.entropy_kernel = "gaussian" if fidelity(cfg, "dq_gaussian_entropy") else "triangular"
+        self.entropy_sigma = getattr(cfg, "entropy_sigma", 0.01)
+        self.authors_layers = fidelity(cfg, "dq_authors_layers")
         arch = _arch_kwargs(cfg)
         self.trunk = EncoderTrunk(resolution=resolution, **arch)
         self.fine_head = EncoderHead(self.trunk.level_channels[-2], z, cfg.dropout, cfg.grad_checkpointing)
         self.coarse_head = EncoderHead(self.trunk.level_channels[-1], z, cfg.dropout, cfg.grad_checkpointing)
-        self.router_norm_fine, self.router_norm_coarse = Normalize(z), Normalize(z)
+        if self.authors_layers:  # the authors' "group-32" (gcd: GroupNorm needs a divisor of z)
+            self.router_norm_fine = nn.GroupNorm(math.gcd(32, z), z, eps=1e-6, affine=True)
+            self.router_norm_coarse = nn.GroupNorm(math.gcd(32, z), z, eps=1e-6, affine=True)
+        else:
+            self.router_norm_fine, self.router_norm_coarse = Normalize(z), Normalize(z)
         self.router_mlp = nn.Sequential(nn.Linear(2 * z, 2 * z), nn.SiLU(), nn.Linear(2 * z, 2))
         self.quant_conv = nn.Conv2d(z, z, 1)
-        self.quantizer = VectorQuantizer(z, cfg.codebook_size, **quantizer_kwargs(cfg))
+        self.quantizer = VectorQuantizer(z, cfg.codebook_size, **quantizer_kwargs(cfg),
+                                         authors_weighting=fidelity(cfg, "dq_unweighted_vq"))
         self.post_quant_conv = nn.Conv2d(z, z, 1)
-        self.pos_embed = nn.Parameter(torch.randn(1, z, 2 * self.coarse_side, 2 * self.coarse_side) * 0.02)
+        if self.authors_layers:
+            self.position_bias = AuthorsPositionEmbedding(z, 2 * self.coarse_side)
+        else:
+            self.pos_embed = nn.Parameter(torch.randn(1, z, 2 * self.coarse_side, 2 * self.coarse_side) * 0.02)
         # The decoder starts from the fine grid: one level (one upsampling) fewer than the encoder.
         self.decoder = Decoder(resolution=resolution, z_channels=z, **dict(arch, ch_mult=list(cfg.ch_mult)[:-1]))
         # Entropy router threshold: set by `calibrate_entropy_threshold`, saved with the model.
@@ -115,35 +180,53 @@ class DQTokenizer(Tokenizer):
         feats = torch.cat([self.router_norm_coarse(h_coarse_BCHW), fine], dim=1)
         return self.router_mlp(rearrange(feats, "b c h w -> b h w c"))
 
+    def patch_entropy(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """The entropy router's statistic (B, Hc, Wc) with this model's histogram settings."""
+        return patch_entropy(images_BCHW, self.coarse_side, self.entropy_bins, kernel=self.entropy_kernel,
+                             sigma=self.entropy_sigma)
+
     def route(self, images_BCHW, h_fine_BCHW, h_coarse_BCHW) -> torch.Tensor:
-        """Gate (B, Hc, Wc) float in {0, 1}: 1 = fine. Straight-through in learned training mode."""
+        """One-hot gates (B, Hc, Wc, 2) [coarse, fine] in {0, 1}; straight-through (hard Gumbel-softmax)
+        in learned training mode, so both entries carry the router's gradient."""
         if self.router_kind == "entropy":
             if torch.isnan(self.entropy_threshold):
                 raise RuntimeError("DQ entropy router: threshold not set; call "
                                    "pipeline.models.dq.calibrate_entropy_threshold(model, batches) first")
-            ent = patch_entropy(images_BCHW, self.coarse_side, self.entropy_bins)
-            return (ent > self.entropy_threshold).to(h_fine_BCHW.dtype)
+            fine = (self.patch_entropy(images_BCHW) > self.entropy_threshold).to(h_fine_BCHW.dtype)
+            return torch.stack([1 - fine, fine], dim=-1)
         logits = self.router_logits(h_fine_BCHW, h_coarse_BCHW)
         if self.training:
-            return F.gumbel_softmax(logits.float(), tau=self.gumbel_tau, hard=True)[..., 1].to(h_fine_BCHW.dtype)
-        return (logits.argmax(-1) == 1).to(h_fine_BCHW.dtype)
+            return F.gumbel_softmax(logits.float(), tau=self.gumbel_tau, hard=True).to(h_fine_BCHW.dtype)
+        return F.one_hot(logits.argmax(-1), 2).to(h_fine_BCHW.dtype)
 
     @staticmethod
-    def merge(h_fine_BCHW, h_coarse_BCHW, gate_BHcWc) -> torch.Tensor:
-        """One fine-grid map: fine features where gate=1, coarse features copied 2x2 where gate=0."""
-        gate = repeat(gate_BHcWc, "b h w -> b 1 (h p) (w q)", p=2, q=2)
+    def merge(h_fine_BCHW, h_coarse_BCHW, gate_BHcWc2, gate_on_chosen: bool = True) -> torch.Tensor:
+        """One fine-grid map: fine features where the gate says fine, coarse features copied 2x2 elsewhere.
+
+        gate_on_chosen (the authors): the chosen branch times its gate entry (1 in value), so a gate's
+        gradient is <g, h_chosen> over its 2x2 cells. Otherwise gate*fine + (1-gate)*coarse with the
+        fine entry, gradient <g, h_fine - h_coarse>: what switching would change. Same forward value.
+        """
         coarse_up = F.interpolate(h_coarse_BCHW, scale_factor=2.0, mode="nearest")
+        if gate_on_chosen:
+            fine = repeat(gate_BHcWc2.argmax(-1) == 1, "b h w -> b 1 (h p) (w q)", p=2, q=2)
+            chosen = repeat(gate_BHcWc2.max(-1).values, "b h w -> b 1 (h p) (w q)", p=2, q=2)
+            merged = torch.where(fine, h_fine_BCHW, coarse_up)
+            return merged * chosen if chosen.requires_grad else merged
+        gate = repeat(gate_BHcWc2[..., 1], "b h w -> b 1 (h p) (w q)", p=2, q=2)
         return gate * h_fine_BCHW + (1 - gate) * coarse_up
 
     def _features(self, images_BCHW):
+        """(quant_conv(merged features), one-hot gates (B, Hc, Wc, 2))."""
         levels = self.trunk(images_BCHW)
         h_fine, h_coarse = self.fine_head(levels[-2]), self.coarse_head(levels[-1])
         gate = self.route(images_BCHW, h_fine, h_coarse)
-        return self.quant_conv(self.merge(h_fine, h_coarse, gate)), gate
+        return self.quant_conv(self.merge(h_fine, h_coarse, gate, self.gate_on_chosen)), gate
 
     # ---- interface -----------------------------------------------------------------------
     def forward(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, TokenizerAux]:
-        z_BCHW, gate = self._features(images_BCHW)
+        z_BCHW, gate2 = self._features(images_BCHW)
+        gate = gate2[..., 1]  # 1 = fine
         # Each of a coarse code's 4 copies weighs coarse_vq_weight (0.25: the code counts once).
         hard_gate = gate.detach().round()  # straight-through gates can be 1 +- 1 ulp; weights must be exact
         fine_cells = repeat(hard_gate, "b h w -> b (h p) (w q)", p=2, q=2)
@@ -158,7 +241,15 @@ class DQTokenizer(Tokenizer):
                                    fine_ratio=fine_ratio, extra={"codes_per_image": codes_per_image})
 
     def decode_latent(self, zq_BCHW: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(zq_BCHW) + self.pos_embed)
+        h = self.post_quant_conv(zq_BCHW)
+        return self.decoder(self.position_bias(h) if self.authors_layers else h + self.pos_embed)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A DQ tokenizer saved before issue 12 has one learned position map and adaptive router groups.
+        if self.authors_layers and prefix + "pos_embed" in state_dict:
+            raise RuntimeError("this DQ tokenizer was trained with the single learned position map (before the "
+                               "authors' layers became the default): load it with tokenizer.dq_authors_layers: false")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def encode(self, images_BCHW: torch.Tensor) -> DQCodes:
@@ -169,7 +260,7 @@ class DQTokenizer(Tokenizer):
             code_map = self.quantizer.encode(z_BCHW)[..., 0]
         finally:
             self.train(was_training)
-        return DQCodes.from_code_map(code_map, gate.long())
+        return DQCodes.from_code_map(code_map, gate[..., 1].long())
 
     def decode(self, codes: DQCodes) -> torch.Tensor:
         return self.decode_latent(self.quantizer.lookup(codes.code_map_BHW[..., None]))
@@ -190,7 +281,7 @@ def calibrate_entropy_threshold(model: DQTokenizer, batches: Iterable[torch.Tens
         if max_batches is not None and i >= max_batches:
             break
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        values.append(patch_entropy(images, model.coarse_side, model.entropy_bins).flatten().cpu())
+        values.append(model.patch_entropy(images).flatten().cpu())
     if not values:
         raise ValueError("calibrate_entropy_threshold: the batch iterator yielded no images")
     ent = torch.cat(values).sort().values

@@ -24,6 +24,9 @@ class TokenizerConfig:
     patch_size: int = option(1, "pixel-unshuffle stem: p x p pixel patches folded into channels before the first "
                                 "conv (and unfolded after the last), so all levels run at R/p; 1 = plain VQGAN",
                          ge=1, le=16)
+    norm_groups: int = option(0, "GroupNorm groups in the encoder/decoder: 0 = 32, halved until each group has >= 4 "
+                                 "channels (same as 32 from 128 channels on); N = exactly N groups (the authors' "
+                                 "RQ-VAE code: 32 at every width; set by `tessera import rq-official`)", ge=0, le=1024)
     dropout: float = option(0.0, "dropout in residual blocks", ge=0.0, le=1.0)
     grad_checkpointing: bool = option(False, "recompute encoder/decoder activations in backward to save memory")
     # Quantizer.
@@ -40,11 +43,35 @@ class TokenizerConfig:
     granularities: int = option(2, "dq: number of region sizes (2 = coarse+fine, 3 adds a coarser grid)", ge=2, le=3)
     router: str = option("learned", "dq: how regions choose a granularity", choices=("learned", "entropy"))
     target_ratio: float = option(0.5, "dq: target fraction of fine regions", ge=0.0, le=1.0)
-    budget_weight: float = option(10.0, "dq: budget loss weight gamma", ge=0.0)
+    budget_weight: float = option(10.0, "dq: budget loss weight gamma in gamma*(r - t)^2 (the paper's formula; the authors' "
+                                        "released configs add the term twice: use 2*gamma to match them)", ge=0.0)
     gumbel_tau: float = option(1.0, "dq: Gumbel-softmax temperature of the learned router", gt=0.0)
     coarse_vq_weight: float = option(0.25, "dq: VQ-loss weight on copied coarse cells", ge=0.0)
     entropy_bins: int = option(32, "dq entropy router: histogram bins over [-1, 1] (threshold: call "
                                    "pipeline.models.dq.calibrate_entropy_threshold before training)", ge=2)
+    entropy_sigma: float = option(0.01, "dq entropy router: width of the Gaussian histogram kernel (dq_gaussian_entropy)",
+                                  gt=0.0)
+    # Fidelity to the authors' training code (issue 12; README "Fidelity to the authors' tokenizers").
+    # Each per-item key left null follows reference_behaviour.
+    reference_behaviour: bool = option(True, "train as the authors' RQ-VAE / DQ-VAE code does; each per-item key below "
+                                             "overrides it when set (null: follow this)")
+    ema_per_depth: bool | None = option(None, "rq shared codebook: EMA step (and restarts) after each depth, so depth d+1 "
+                                              "searches the codebook depth d just updated (authors); false: one step "
+                                              "after the whole search")
+    authors_restart: bool | None = option(None, "dead-code restart as the authors: EMA sizes start at 0, every dead code "
+                                                "gets a row of a permutation of that depth's inputs (noise-tiled when too "
+                                                "few), code = vector / smoothed size; false: sizes start at 1, at most one "
+                                                "code per input vector, code = vector")
+    dq_gate_on_chosen: bool | None = option(None, "dq learned router: chosen features times their hard gate (authors: gate "
+                                                  "gradient <g, h_chosen>); false: gate*fine + (1-gate)*coarse "
+                                                  "(gradient <g, h_fine - h_coarse>)")
+    dq_unweighted_vq: bool | None = option(None, "dq: VQ loss (1+beta)*mean(w*(z-q)^2) over all cells, gradient beta*..., "
+                                                 "EMA unweighted (authors); false: beta*sum(w*mse)/sum(w), EMA weighted by w")
+    dq_gaussian_entropy: bool | None = option(None, "dq entropy router: Gaussian-kernel histogram (entropy_sigma) on "
+                                                    "unclamped gray (authors); false: triangular bins on clamped gray")
+    dq_authors_layers: bool | None = option(None, "dq: router GroupNorm with 32 groups and the decoder's Fourier + row/column "
+                                                  "learned position embedding (authors); false: >= 4 channels per group "
+                                                  "and one learned position map (not checkpoint-compatible with true)")
     # Losses and discriminator.
     recon_loss: str = option("l2", "pixel reconstruction loss", choices=("l1", "l2"))
     lpips_weight: float = option(1.0, "LPIPS perceptual loss weight (0 disables)", ge=0.0)
@@ -73,12 +100,34 @@ class TokenizerConfig:
         if self.kind == "dq" and self.granularities == 3:
             raise ConfigError(f"{path}.granularities: the triple-granularity DQ variant (3) is not implemented; "
                               f"use 2 (coarse + fine).")
+        if self.norm_groups and any(self.ch * m % self.norm_groups for m in self.ch_mult):
+            raise ConfigError(f"{path}.norm_groups: {self.norm_groups} groups must divide every level's channels "
+                              f"ch * ch_mult = {[self.ch * m for m in self.ch_mult]}.")
+        if self.kind == "dq" and self.norm_groups:
+            raise ConfigError(f"{path}.norm_groups: applies to rq/vq tokenizers (the DQ router and heads keep "
+                              f"adaptive groups); use 0 with kind 'dq'.")
         if self.kind == "dq" and self.depth != 1:
             raise ConfigError(f"{path}.depth: dq uses one code per cell (depth 1), got depth {self.depth}.")
+
+    def follows_authors(self, key: str) -> bool:
+        """Resolved value of a per-item fidelity key (null follows `reference_behaviour`)."""
+        return fidelity(self, key)
 
     @property
     def downsample_factor(self) -> int:
         return self.patch_size * 2 ** (len(self.ch_mult) - 1)
+
+
+FIDELITY_KEYS = ("ema_per_depth", "authors_restart", "dq_gate_on_chosen", "dq_unweighted_vq", "dq_gaussian_entropy",
+                 "dq_authors_layers")
+
+
+def fidelity(cfg, key: str) -> bool:
+    """`cfg.<key>` if set, else `cfg.reference_behaviour` (also for configs that predate these keys)."""
+    if key not in FIDELITY_KEYS:
+        raise KeyError(f"unknown fidelity key {key!r}; one of {FIDELITY_KEYS}")
+    value = getattr(cfg, key, None)
+    return bool(getattr(cfg, "reference_behaviour", True)) if value is None else bool(value)
 
 
 _RQ_PAPER = dict(kind="rq", ch=128, ch_mult=[1, 1, 2, 2, 4, 4], num_res_blocks=2, attn_resolutions=[8],

@@ -67,12 +67,16 @@ class Tokenizer(nn.Module, abc.ABC):
 def _arch_kwargs(cfg) -> dict:
     return dict(ch=cfg.ch, ch_mult=list(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
                 attn_resolutions=list(cfg.attn_resolutions), dropout=cfg.dropout,
-                grad_checkpointing=cfg.grad_checkpointing, patch_size=cfg.patch_size)
+                grad_checkpointing=cfg.grad_checkpointing, patch_size=cfg.patch_size,
+                norm_groups=getattr(cfg, "norm_groups", 0))
 
 
 def quantizer_kwargs(cfg) -> dict:
+    from .tokenizer_config import fidelity  # issue 12: the authors' EMA / restart behaviour unless switched off
+
     return dict(decay=cfg.ema_decay, eps=cfg.ema_eps, beta=cfg.beta, dead_code_threshold=cfg.dead_code_threshold,
-                kmeans_init=cfg.kmeans_init)
+                kmeans_init=cfg.kmeans_init, per_depth_update=fidelity(cfg, "ema_per_depth"),
+                authors_restart=fidelity(cfg, "authors_restart"))
 
 
 class RQTokenizer(Tokenizer):
