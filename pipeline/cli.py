@@ -5,6 +5,8 @@
     tessera status RUN_DIR
     tessera verify RUN_DIR
     tessera config [CONFIG] [key=value ...] [--keys]
+    tessera estimate CONFIG [--world-size N] [--gpu-memory-gb G] [key=value ...]
+    tessera import rq-official --stage1 DIR [--stage2 DIR] --run-dir RUN_DIR [--config CONFIG] [--ema] [--force] [k=v ...]
 """
 from __future__ import annotations
 
@@ -52,6 +54,32 @@ def build_parser() -> argparse.ArgumentParser:
     p_config.add_argument("config", nargs="?", default=None, help="YAML preset")
     p_config.add_argument("overrides", nargs="*", metavar="key=value")
     p_config.add_argument("--keys", action="store_true", help="list every key with type, default and help")
+
+    p_est = sub.add_parser("estimate", help="parameters and memory per GPU of training the prior (ZeRO 0-3, "
+                           "offload, activation checkpointing) and a recommendation", epilog=EPILOG)
+    p_est.add_argument("config", help="YAML preset")
+    p_est.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p_est.add_argument("--world-size", type=int, default=None, help="ranks (default: launcher.train_prior nodes x "
+                       "gpus_per_node)")
+    p_est.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+
+    p_import = sub.add_parser("import", help="turn another codebase's released checkpoints into finished stages")
+    sources = p_import.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    p_rq = sources.add_parser("rq-official", help="the authors' RQ-VAE (kakaobrain/rq-vae-transformer) -> "
+                              "RUN_DIR/train_tokenizer, and their RQ-Transformer -> RUN_DIR/train_prior",
+                              epilog=EPILOG)
+    p_rq.add_argument("--stage1", required=True, metavar="DIR", help="their RQ-VAE folder (model.pt + config.yaml)")
+    p_rq.add_argument("--stage2", default=None, metavar="DIR", help="their RQ-Transformer folder (model.pt + "
+                      "config.yaml; its state_dict_ema is imported, as their sampling script does)")
+    p_rq.add_argument("--run-dir", required=True, help="run directory to create or complete")
+    p_rq.add_argument("--config", default=None, help="our YAML preset for the other sections (data, launcher, ...); "
+                      "the tokenizer section and data.resolution come from their config.yaml")
+    p_rq.add_argument("--ema", action="store_true", help="stage 1: import model.pt's state_dict_ema instead "
+                      "of state_dict")
+    p_rq.add_argument("--force", action="store_true", help="replace imported stages that are already done with "
+                      "another config or checkpoint")
+    p_rq.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides (not the "
+                      "tokenizer architecture)")
     return parser
 
 
@@ -150,7 +178,32 @@ def cmd_config(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status, "verify": cmd_verify, "config": cmd_config}
+def cmd_estimate(args) -> int:
+    from .config import load_config
+    from .estimate import estimate, format_estimate
+
+    cfg = load_config(args.config, args.overrides)
+    res = cfg.launcher.train_prior
+    world = args.world_size or max(1, res.nodes * max(res.gpus_per_node, 1))
+    if world < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {world}")
+    print(format_estimate(estimate(cfg, world, args.gpu_memory_gb), cfg.prior.preset))
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .importers.rq_official_stages import import_rq_official
+
+    outcomes = import_rq_official(stage1=args.stage1, stage2=args.stage2, run_dir=args.run_dir, config=args.config,
+                                  overrides=args.overrides, ema=args.ema, force=args.force)
+    for outcome in outcomes:
+        print(f"[tessera] import {args.source}: {outcome.name}: {outcome.status}", flush=True)
+    print(f"[tessera] run directory: {args.run_dir}  (see `tessera status {args.run_dir}`)")
+    return 0
+
+
+COMMANDS = {"estimate": cmd_estimate, "run": cmd_run, "stage": cmd_stage, "status": cmd_status, "verify": cmd_verify, "config": cmd_config,
+            "import": cmd_import}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

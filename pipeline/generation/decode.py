@@ -1,5 +1,8 @@
-"""Codes -> uint8 images through the tokenizer, in batches."""
+"""Codes -> uint8 images through the tokenizer, in batches; uint8 images -> a PNG grid."""
 from __future__ import annotations
+
+import math
+from pathlib import Path
 
 import torch
 
@@ -26,3 +29,18 @@ def decode_to_uint8(tokenizer, codes, batch_size: int = 64) -> torch.Tensor:
             chunk = chunk.to(next(tokenizer.parameters()).device)
         out.append(to_uint8(tokenizer.decode(chunk)))
     return torch.cat(out) if out else torch.zeros(0, tokenizer.resolution, tokenizer.resolution, 3, dtype=torch.uint8)
+
+
+def save_uint8_grid(images_BHWC: torch.Tensor, path: Path, nrow: int, min_side: int = 96) -> None:
+    """uint8 images as one PNG grid (written atomically), enlarged so a person can see them."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    from ..io import atomic_path
+
+    grid = make_grid(images_BHWC.permute(0, 3, 1, 2), nrow=nrow, padding=2)
+    scale = max(1, math.ceil(min_side / images_BHWC.shape[1]))
+    image = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

@@ -48,19 +48,26 @@ class SamplingOptions:
         return self.cfg_scale != 1.0
 
 
-def sample_seed(seed: int, index: int) -> int:
-    """A 63-bit seed for sample `index` of a run seeded `seed` (a hash, so (s, i) pairs don't collide)."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+def sample_seed(seed: int, *key: int) -> int:
+    """A 63-bit seed for the key (seed, *key), e.g. sample `index` of a run seeded `seed` (a hash,
+    so different keys don't collide)."""
+    return int(np.random.SeedSequence([int(seed), *map(int, key)]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def keyed_uniforms(keys, n: int) -> torch.Tensor:
+    """(B, n) float64 uniforms in [0, 1): row b from the generator seeded by keys[b] (a tuple of ints).
+    Draws keyed by sample rather than by rank make a run independent of how batches are split."""
+    rows = []
+    for key in keys:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(sample_seed(*key))
+        rows.append(torch.rand(n, generator=g, dtype=torch.float64))
+    return torch.stack(rows) if rows else torch.zeros(0, n, dtype=torch.float64)
 
 
 def per_sample_uniforms(seed: int, indices, n: int) -> torch.Tensor:
     """(B, n) float64 uniforms in [0, 1): row b from the generator of sample indices[b]."""
-    rows = []
-    for i in indices:
-        g = torch.Generator(device="cpu")
-        g.manual_seed(sample_seed(seed, int(i)))
-        rows.append(torch.rand(n, generator=g, dtype=torch.float64))
-    return torch.stack(rows) if rows else torch.zeros(0, n, dtype=torch.float64)
+    return keyed_uniforms([(seed, int(i)) for i in indices], n)
 
 
 def filter_logits(logits_BK: torch.Tensor, temperature: float = 1.0, top_k: int = 0,

@@ -15,8 +15,8 @@ import torch
 import yaml
 
 from ..configschema import ConfigError, build_section
-from ..errors import StageError
 from ..models.prior_config import CodeSpec, PriorConfig
+from .rq_official import CheckpointMismatch
 
 # Their top-level names -> ours (block internals keep their names: ln1, ln2, attn.key/query/value/proj, mlp.0/2).
 _RENAMES = (
@@ -30,10 +30,6 @@ _RENAMES = (
     ("head_transformer.", "depth."),
 )
 _REQUIRED_FLAGS = ("input_emb_vqvae", "head_emb_vqvae", "cumsum_depth_ctx", "shared_tok_emb", "shared_cls_emb")
-
-
-class CheckpointMismatch(StageError):
-    """A released checkpoint that does not fit (named key, both shapes)."""
 
 
 def prior_config_from_yaml(config_yaml: dict) -> tuple[PriorConfig, CodeSpec]:
@@ -99,23 +95,36 @@ def convert_state_dict(theirs: dict[str, torch.Tensor], ours_template: dict[str,
     return out
 
 
+def load_stage2_state_dict(model_pt: str | Path, ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """(their state dict, which one) from a stage-2 model.pt: `state_dict_ema` when asked and present
+    (their sampling script loads the EMA weights), else `state_dict`. Tensors only (weights_only)."""
+    ckpt = torch.load(model_pt, map_location="cpu", weights_only=True)
+    key = "state_dict_ema" if ema and "state_dict_ema" in ckpt else "state_dict"
+    if key not in ckpt:
+        raise CheckpointMismatch(f"{model_pt}: no 'state_dict' in the checkpoint (keys: {sorted(ckpt)[:8]})")
+    return ckpt[key], key
+
+
+def stage2_files(stage2_dir: str | Path) -> tuple[Path, Path]:
+    """(model.pt, config.yaml) of a released stage-2 folder."""
+    folder = Path(stage2_dir)
+    cfg_path, ckpt_path = folder / "config.yaml", folder / "model.pt"
+    for p in (ckpt_path, cfg_path):
+        if not p.is_file():
+            raise CheckpointMismatch(f"{p}: not found (a released stage-2 folder holds config.yaml and model.pt)")
+    return ckpt_path, cfg_path
+
+
 def load_rq_official_prior(stage2_dir: str | Path, codebook_BKC: torch.Tensor | None = None, *,
                            ema: bool = True):
     """(model, PriorConfig, CodeSpec) from a released stage-2 folder; `codebook_BKC` = the stage-1 codes' vectors."""
     from ..models.rq_transformer import RQTransformer
 
-    folder = Path(stage2_dir)
-    cfg_path, ckpt_path = folder / "config.yaml", folder / "model.pt"
-    for p in (cfg_path, ckpt_path):
-        if not p.is_file():
-            raise CheckpointMismatch(f"{p}: not found (a released stage-2 folder holds config.yaml and model.pt)")
+    ckpt_path, cfg_path = stage2_files(stage2_dir)
     cfg, spec = prior_config_from_yaml(yaml.safe_load(cfg_path.read_text()))
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    key = "state_dict_ema" if ema and "state_dict_ema" in ckpt else "state_dict"
-    if key not in ckpt:
-        raise CheckpointMismatch(f"{ckpt_path}: no 'state_dict' in the checkpoint (keys: {sorted(ckpt)[:8]})")
+    theirs, _ = load_stage2_state_dict(ckpt_path, ema)
     model = RQTransformer(cfg, spec, codebook_BKC)
-    state = convert_state_dict(ckpt[key], model.state_dict())
+    state = convert_state_dict(theirs, model.state_dict())
     state["codebook"] = model.codebook
     model.load_state_dict(state)
     return model.eval(), cfg, spec

@@ -209,3 +209,15 @@ class TransformerStack(nn.Module):
             else:
                 x_BLE = block(x_BLE, None if caches is None else caches[i], key_mask_BL)
         return x_BLE
+
+
+# ---- shared by both priors -------------------------------------------------------------
+def drop_labels(labels_B: torch.Tensor, p: float, null_class: int, generator: torch.Generator | None = None,
+                u_B: torch.Tensor | None = None) -> torch.Tensor:
+    """Label dropout for classifier-free guidance: each label becomes `null_class` with probability p
+    (uniforms `u_B` when given, else drawn from `generator`)."""
+    if p <= 0:
+        return labels_B
+    if u_B is None:
+        u_B = torch.rand(labels_B.shape, generator=generator, device="cpu")
+    return torch.where(u_B.to(labels_B.device) < p, torch.full_like(labels_B, null_class), labels_B)

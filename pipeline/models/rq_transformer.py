@@ -24,7 +24,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .attention import BlockConfig, KVCache, TransformerStack, make_norm
+from .attention import BlockConfig, KVCache, TransformerStack, drop_labels, make_norm
 from .prior_config import CodeSpec, PriorConfig
 
 
@@ -32,15 +32,6 @@ def block_config(cfg: PriorConfig) -> BlockConfig:
     return BlockConfig(embed_dim=cfg.embed_dim, n_head=cfg.n_head, mlp_ratio=cfg.mlp_ratio, bias=cfg.bias,
                        attn_dropout=cfg.attn_dropout, resid_dropout=cfg.dropout, norm=cfg.norm, mlp=cfg.mlp,
                        use_flash_attn=cfg.use_flash_attn)
-
-
-def drop_labels(labels_B: torch.Tensor, p: float, null_class: int,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Label dropout for classifier-free guidance: each label becomes `null_class` with probability p."""
-    if p <= 0:
-        return labels_B
-    u = torch.rand(labels_B.shape, generator=generator, device="cpu").to(labels_B.device)
-    return torch.where(u < p, torch.full_like(labels_B, null_class), labels_B)
 
 
 @dataclass
@@ -140,8 +131,10 @@ class RQTransformer(nn.Module):
         out = self.depth(rearrange(depth_in, "b t d e -> (b t) d e"))
         return rearrange(self.logits(out), "(b t) d k -> b t d k", b=B, t=T)
 
-    def drop_labels(self, labels_B: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return drop_labels(labels_B, self.cfg.class_dropout if self.num_classes else 0.0, self.null_class, generator)
+    def drop_labels(self, labels_B: torch.Tensor, generator: torch.Generator | None = None,
+                    u_B: torch.Tensor | None = None) -> torch.Tensor:
+        return drop_labels(labels_B, self.cfg.class_dropout if self.num_classes else 0.0, self.null_class,
+                           generator, u_B)
 
     # ---- cached generation steps (driven by pipeline.generation.rq_sampler) -------------
     def new_caches(self, batch: int, *, dtype: torch.dtype, device) -> RQCaches:
