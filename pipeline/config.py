@@ -17,7 +17,8 @@ from .configschema import ConfigError, build_section, describe, option
 from .io import sha256_json
 from .models.prior_config import PriorConfig
 from .models.tokenizer_config import TokenizerConfig
-from .sections import DataConfig, LauncherConfig, PrecomputeConfig, SampleConfig, ScoreConfig, TrainConfig
+from .sections import (DataConfig, LauncherConfig, PrecomputeConfig, PriorTrainConfig, SampleConfig, ScoreConfig,
+                       TrainConfig)
 
 
 # Keys that change how a stage runs, never what it produces: excluded from every stage's hash,
@@ -36,8 +37,7 @@ class Config:
     tokenizer_train: TrainConfig = option(TrainConfig(), "optimisation of the tokenizer")
     precompute: PrecomputeConfig = option(PrecomputeConfig(), "encoding the dataset into code shards")
     prior: PriorConfig = option(PriorConfig(), "the autoregressive prior")
-    prior_train: TrainConfig = option(TrainConfig(lr=5e-4, betas=[0.9, 0.95], weight_decay=1e-4),
-                                      "optimisation of the prior")
+    prior_train: PriorTrainConfig = option(PriorTrainConfig(), "optimisation of the prior")
     sample: SampleConfig = option(SampleConfig(), "sampling")
     score: ScoreConfig = option(ScoreConfig(), "scoring (FID and friends)")
     launcher: LauncherConfig = option(LauncherConfig(), "SLURM resources per stage")
@@ -117,19 +117,40 @@ def _apply_override(tree: dict, keys: list[str], value) -> None:
     node[keys[-1]] = value
 
 
+def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """One YAML preset as a dict; `base: other.yaml` (relative to this file) is read first and this
+    file's keys are merged over it, section by section."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (the base of {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: `base` chain loops: {' -> '.join(str(p) for p in (*chain, path))}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    return merge_trees(_read_tree(path.parent / str(base), (*chain, path.resolve())), tree)
+
+
+def merge_trees(base: dict, over: dict) -> dict:
+    """Recursive merge of nested dicts: `over`'s keys win."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge_trees(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """A preset (with its `base:` chain) + dotted overrides -> the typed Config."""
     tree: dict = {}
     name = "run"
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = _read_tree(path)
         name = path.stem
     tree.setdefault("name", name)
     for text in overrides:

@@ -69,6 +69,33 @@ class TrainConfig:
 
 
 @dataclass
+class PriorTrainConfig(TrainConfig):
+    """`prior_train`: TrainConfig with the authors' prior recipe as defaults, plus what only the prior uses."""
+    lr: float = option(5e-4, "peak learning rate", gt=0.0)
+    betas: list[float] = option([0.9, 0.95], "AdamW betas", ge=0.0, le=1.0)
+    weight_decay: float = option(1e-4, "AdamW weight decay on Linear weights (none on norms, embeddings, "
+                                       "position tables and biases)", ge=0.0)
+    engine: str = option("deepspeed", "training engine: DeepSpeed ZeRO (default) or torch DDP",
+                         choices=("ddp", "deepspeed"))
+    zero_stage: int = option(2, "DeepSpeed ZeRO stage 0-3 (3 also partitions the parameters)", ge=0, le=3)
+    targets: str = option("codes", "codes = cross-entropy on the stored codes; soft = the authors' soft targets "
+                                   "Q_tau from the stored latents (needs precompute.store_latents)",
+                          choices=("codes", "soft"))
+    stochastic_codes: bool = option(True, "soft targets: feed codes sampled from Q_tau as inputs (the authors' "
+                                          "stochastic codes) instead of the stored argmin codes")
+    ema_decay: float = option(0.0, "EMA of the weights, exported instead of the raw weights (0: off; "
+                                   "e.g. 0.9999)", ge=0.0, le=0.999999)
+    offload_optimizer: bool = option(False, "DeepSpeed: keep optimizer states in CPU memory (ZeRO 1-3)")
+    offload_params: bool = option(False, "DeepSpeed: keep parameters in CPU memory (ZeRO 3 only)")
+    deepspeed_config: str = option("", "a DeepSpeed JSON merged over the generated one (its keys win; README: "
+                                       "Training the prior)")
+    checkpoint_every_min: float = option(0.0, "also checkpoint every M minutes of training (0: off)", ge=0.0)
+    sample_every: int = option(0, "write a grid of samples (PNG + TensorBoard) every N steps (0: at the end only)",
+                               ge=0)
+    eval_images: int = option(1000, "val code samples per val-loss evaluation", ge=1)
+
+
+@dataclass
 class PrecomputeConfig:
     batch_size: int = option(64, "images encoded per batch on each rank", ge=1)
     store_latents: bool = option(False, "also store the fp16 pre-quantization latent (for soft-label prior training)")

@@ -13,10 +13,26 @@ def error_of(overrides, path=DEMO) -> str:
 
 
 def test_presets_load(repo_root):
-    for name in ("demo-rq", "demo-dq", "imagenet256-rq"):
-        cfg = load_config(repo_root / "configs" / f"{name}.yaml")
-        assert cfg.name == name
+    for path in sorted((repo_root / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.name == path.stem
     assert load_config(repo_root / "configs/demo-dq.yaml").tokenizer.kind == "dq"
+
+
+def test_base_presets_merge_section_by_section(repo_root, tmp_path):
+    big = load_config(repo_root / "configs/imagenet256-rq-3.8b.yaml")
+    base = load_config(repo_root / "configs/imagenet256-rq.yaml")
+    assert big.prior.embed_dim == 2560 and big.prior_train.batch_size == base.prior_train.batch_size == 2048
+    assert big.data == base.data and big.launcher.train_prior.nodes == 8
+    dq = load_config(repo_root / "configs/imagenet256-dq.yaml")
+    assert dq.tokenizer.kind == "dq" and dq.prior.kind == "dq" and dq.data.root == base.data.root
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nseed: 1\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="base. chain loops"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml.*the base of"):
+        load_config(tmp_path / "c.yaml")
 
 
 def test_overrides_are_typed(repo_root):

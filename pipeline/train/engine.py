@@ -268,6 +268,14 @@ class DeepSpeedEngine(TrainEngine):
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint '{self.name}' in {folder}")
 
+    def load_universal(self, folder: Path) -> None:
+        """Load a universal checkpoint (`folder/<name>/`, from deepspeed's ds_to_universal), written by
+        any number of ranks; needs `"checkpoint": {"load_universal": true}` in the config."""
+        path, _ = self.wrapped.load_checkpoint(str(folder), tag=self.name, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no universal checkpoint '{self.name}' in {folder}")
+
 
 def make_engine(name: str, module, optimizer, scheduler, train_cfg: TrainConfig, env: DistEnv, device, *,
                 grad_sync: str = "ddp", broadcast_buffers: bool = True, ds_config: dict | None = None) -> TrainEngine:

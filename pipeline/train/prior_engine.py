@@ -1,0 +1,83 @@
+"""What the prior's engine is built from: the authors' AdamW parameter groups, the DeepSpeed config
+(generated from the typed config, then the user's JSON on top), and DeepSpeed universal checkpoints
+for resuming on another number of ranks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import merge_trees
+from ..errors import StageError
+from ..io import read_json
+from .checkpoint import RECORD, CheckpointManager
+from .engine import deepspeed_config
+
+UNIVERSAL_DONE = "converted.txt"  # a universal checkpoint folder is complete when this exists
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as the authors make them: decay on Linear weights; none on biases, norms,
+    embeddings and free position tables."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            (decay if isinstance(module, torch.nn.Linear) and name == "weight" else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def prior_deepspeed_config(tc, world_size: int, device: torch.device) -> dict:
+    """Generated from the typed config (ZeRO stage, offload, bf16 on GPU), then the user's JSON on top."""
+    config = deepspeed_config(tc, world_size, device)
+    zero = config["zero_optimization"]
+    if tc.offload_optimizer:
+        if tc.zero_stage == 0:
+            raise StageError("prior_train.offload_optimizer needs zero_stage 1, 2 or 3")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if tc.offload_params:
+        if tc.zero_stage != 3:
+            raise StageError("prior_train.offload_params needs zero_stage 3")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if tc.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if tc.deepspeed_config:
+        path = Path(tc.deepspeed_config)
+        try:
+            user = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise StageError(f"prior_train.deepspeed_config: cannot read {path}: {err}") from None
+        config = merge_trees(config, user)
+        for key in ("train_batch_size", "gradient_accumulation_steps"):
+            mine = deepspeed_config(tc, world_size, device)[key]
+            if config.get(key) != mine:
+                raise StageError(f"prior_train.deepspeed_config: {key}={config.get(key)} disagrees with the typed "
+                                 f"config ({mine}); set prior_train.batch_size / grad_accum instead")
+    return config
+
+
+def newest_world_size(checkpoints: CheckpointManager) -> int | None:
+    """World size recorded by the newest complete checkpoint (None: there is none)."""
+    for step in checkpoints.steps():
+        if checkpoints.check_files(step) is None:
+            return int(read_json(checkpoints.path_for(step) / RECORD).get("world_size", 0)) or None
+    return None
+
+
+def to_universal(tag_folder: Path, out_folder: Path) -> None:
+    """DeepSpeed's ds_to_universal on one checkpoint tag folder (ZeRO 1-3 shards -> per-parameter
+    fp32 weights and optimizer moments, loadable on any number of ranks)."""
+    import argparse
+    import contextlib
+    import io
+    import shutil
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    shutil.rmtree(out_folder, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(tag_folder), output_folder=str(out_folder), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints every parameter
+        ds_to_universal(args)

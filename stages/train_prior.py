@@ -1,0 +1,87 @@
+"""Stage 4: train the prior (RQ-Transformer / DQ-Transformer) on the precomputed codes and export it.
+
+Reads RUN_DIR/train_tokenizer (the tokenizer: code shapes, codebook vectors, soft targets, sample
+decoding) and RUN_DIR/precompute_codes (code shards); writes RUN_DIR/train_prior/{prior.safetensors,
+prior.json, deepspeed_config.json, samples.png, checkpoints/}. Resumes from the newest valid
+checkpoint; SIGUSR1/SIGUSR2/SIGTERM checkpoint and exit with code 3.
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.artifacts import PRIOR_CONFIG, PRIOR_WEIGHTS, TOKENIZER_WEIGHTS, save_prior
+from pipeline.configschema import ConfigError
+from pipeline.dist import barrier
+from pipeline.io import sha256_file
+from pipeline.logs import tensorboard_writer
+from pipeline.models.prior_config import CodeSpec
+from pipeline.models.registry import build_prior, build_tokenizer
+from pipeline.rundir import RunDir
+from pipeline.stage import StageError, StageResult
+from pipeline.train.prior_trainer import PriorTrainer
+from pipeline.train.signals import PreemptionGuard
+
+NAME = "train_prior"
+SECTIONS = ("prior", "prior_train")
+INPUT_STAGES = ("train_tokenizer", "precompute_codes")
+# How often it logs, checkpoints and draws preview samples: resume is exact, so the weights are the same.
+IGNORED_KEYS = ("prior_train.log_every", "prior_train.checkpoint_every", "prior_train.keep_checkpoints",
+                "prior_train.checkpoint_every_min", "prior_train.sample_every")
+
+
+def check_config(cfg) -> None:
+    """The prior must fit the tokenizer's codes and the data's classes (built on the meta device)."""
+    p = cfg.prior
+    if p.num_classes and p.num_classes != cfg.data.num_classes:
+        raise ConfigError(f"prior.num_classes: {p.num_classes} differs from data.num_classes "
+                          f"({cfg.data.num_classes}); set it to {cfg.data.num_classes}, or 0 for an unconditional prior")
+    tc = cfg.prior_train
+    if tc.targets == "soft" and not cfg.precompute.store_latents:
+        raise ConfigError("prior_train.targets: soft targets need the latents: set precompute.store_latents=true "
+                          "(or prior_train.targets=codes)")
+    with torch.device("meta"):
+        spec = CodeSpec.from_tokenizer(build_tokenizer(cfg.tokenizer, cfg.data.resolution))
+        build_prior(p, spec)
+
+
+def input_fingerprints(ctx) -> dict:
+    run = RunDir(ctx.run_dir)
+    inputs = (run.read_done(NAME) or {}).get("inputs") or {}
+    if inputs and all(k.startswith("import:") for k in inputs):
+        # Imported (`tessera import rq-official --stage2`): no codes were read; the hashes of the
+        # imported files stand for the inputs, so a later run skips the stage instead of training.
+        return inputs
+    for stage in INPUT_STAGES:
+        if run.read_done(stage) is None:
+            raise StageError(f"train_prior needs the {stage} stage first: run `tessera run CONFIG --run-dir "
+                             f"{ctx.run_dir}` (no {run.done_path(stage)})")
+    tok_out = run.read_done("train_tokenizer").get("outputs", {})
+    codes_out = run.read_done("precompute_codes").get("outputs", {})
+    return {"train_tokenizer/tokenizer.safetensors": tok_out.get(TOKENIZER_WEIGHTS)
+            or sha256_file(run.stage_dir("train_tokenizer") / TOKENIZER_WEIGHTS),
+            "precompute_codes/manifest.json": codes_out.get("manifest.json")
+            or sha256_file(run.stage_dir("precompute_codes") / "manifest.json")}
+
+
+def run(ctx) -> StageResult:
+    cfg = ctx.cfg
+    writer = tensorboard_writer(ctx.run_dir, NAME)
+    try:
+        # The guard is up before the (slow) model build, so an early SLURM signal is not fatal.
+        with PreemptionGuard() as guard:
+            trainer = PriorTrainer(cfg, ctx.env, ctx.device, ctx.run_dir, ctx.stage_dir, ctx.logger, writer)
+            metrics = trainer.fit(guard)
+            state = trainer.export_state()  # collective under ZeRO-3
+    finally:
+        if writer is not None:
+            writer.close()
+    if ctx.env.is_main:
+        save_prior(state, cfg.prior, trainer.spec, ctx.stage_dir)
+    barrier()
+    tc = cfg.prior_train
+    return StageResult(
+        counts={"steps": trainer.step, "samples_seen": trainer.step * tc.batch_size,
+                "parameters": trainer.num_parameters},
+        metrics=metrics,
+        outputs={name: sha256_file(ctx.stage_dir / name) for name in (PRIOR_WEIGHTS, PRIOR_CONFIG)},
+    )
