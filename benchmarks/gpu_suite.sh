@@ -117,12 +117,18 @@ EOF
     [ "${PIPESTATUS[0]}" -eq 0 ] || FAILED=1
 fi
 
-# 3. Codebook-search benchmark at the shapes BENCHMARKS.md lists as pending: N in {65536, 262144,
+# 3. A real rq-1.4b training step on one GPU (ZeRO-2, bf16, activation checkpointing, micro-batch 32):
+#    tokens/s, MFU (target >= 45%), peak memory, per attention backend (flash-attn if installed,
+#    SDPA flash, SDPA math).
+part bench_prior_step 140 "$PYTHON" benchmarks/prior_training.py step --device cuda --preset rq-1.4b \
+    --micro-batch 32 --steps 4 --warmup 2 --out "$OUT_DIR/prior_training_step_cuda.json"
+
+# 4. Codebook-search benchmark at the shapes BENCHMARKS.md lists as pending: N in {65536, 262144,
 #    1048576}, C = 256, fp32 and bf16, one part per K so a slow or failing K keeps the other's table.
 part bench_search_k1024 80 "$PYTHON" benchmarks/codebook_search.py --device cuda --k 1024
 part bench_search_k16384 120 "$PYTHON" benchmarks/codebook_search.py --device cuda --k 16384
 
-# 4. Prior sampling speed: rq-1.4b on 8x8x4 vs a 1.4B raster transformer on 16x16x1 (bf16, KV cache
+# 5. Prior sampling speed: rq-1.4b on 8x8x4 vs a 1.4B raster transformer on 16x16x1 (bf16, KV cache
 #    on/off); the paper reports 4-7x for RQ.
 part bench_sampling 170 "$PYTHON" benchmarks/sampling_speed.py --device cuda --batch-sizes 16 64 256 \
     --uncached-batch-sizes 16 --repeats 2 --out "$OUT_DIR/sampling_speed_cuda.json"

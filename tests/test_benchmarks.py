@@ -31,3 +31,16 @@ def test_rate_distortion_quick(tmp_path):
     assert result["reference"]["class_acc_originals"] > 0.6 and result["budget"]["synthetic_style"] == "shapes"
     assert (tmp_path / "results/rate_distortion.png").stat().st_size > 10_000
     assert "| RQ 4x4x2 |" in proc.stdout                              # the markdown table is printed
+
+
+def test_prior_training_step_benchmark_runs_the_gpu_suite_code_path_on_cpu(tmp_path):
+    """benchmarks/gpu_suite.sh runs `prior_training.py step` on rq-1.4b; the same code on a tiny model."""
+    out = tmp_path / "step.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/prior_training.py"), "step", "--device", "cpu",
+                           "--preset", "rq-demo", "--micro-batch", "4", "--steps", "1", "--warmup", "0",
+                           "--codebook-size", "64", "--code-dim", "16", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["tokens_per_s"] > 0 and row["zero_stage"] == 2 and row["grad_checkpointing"] is True
+    assert abs(row["loss"] - 4.16) < 0.5  # ln 64 at initialisation
