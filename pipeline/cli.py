@@ -6,6 +6,7 @@
     tessera verify RUN_DIR
     tessera config [CONFIG] [key=value ...] [--keys]
     tessera estimate CONFIG [--world-size N] [--gpu-memory-gb G] [key=value ...]
+    tessera score --samples X.npz --ref REF.npz [--out DIR] [--metrics fid,isc,kid,prc] [--inception-weights P]
     tessera import rq-official --stage1 DIR [--stage2 DIR] --run-dir RUN_DIR [--config CONFIG] [--ema] [--force] [k=v ...]
 """
 from __future__ import annotations
@@ -62,6 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     p_est.add_argument("--world-size", type=int, default=None, help="ranks (default: launcher.train_prior nodes x "
                        "gpus_per_node)")
     p_est.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+
+    p_score = sub.add_parser("score", help="score any ADM-format sample archive (arr_0 uint8 N x H x W x 3) against "
+                             "a reference .npz: FID, IS, KID, precision/recall")
+    p_score.add_argument("--samples", required=True, help="the samples .npz (arr_0; e.g. RUN_DIR/sample/samples.npz)")
+    p_score.add_argument("--ref", required=True, help="reference .npz: the ADM batch (mu, sigma, arr_0), statistics "
+                         "(mu, sigma[, features]), or another image archive (arr_0)")
+    p_score.add_argument("--out", default=None, help="folder for metrics.json and leaderboard.md (default: print only)")
+    p_score.add_argument("--metrics", default="fid,isc,kid,prc", help="comma-separated subset of fid,isc,kid,prc")
+    p_score.add_argument("--inception-weights", default="", help="torch-fidelity's inception-v3-compat .pth")
+    p_score.add_argument("--no-download", action="store_true", help="never download the Inception weights")
+    p_score.add_argument("--allow-uncalibrated", action="store_true", help="without weights, report *_uncalibrated "
+                         "numbers from a seeded random Inception (never FID)")
+    p_score.add_argument("--batch-size", type=int, default=50)
+    p_score.add_argument("--kid-subset-size", type=int, default=1000)
+    p_score.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
     p_import = sub.add_parser("import", help="turn another codebase's released checkpoints into finished stages")
     sources = p_import.add_subparsers(dest="source", required=True, metavar="SOURCE")
@@ -202,7 +218,47 @@ def cmd_import(args) -> int:
     return 0
 
 
-COMMANDS = {"estimate": cmd_estimate, "run": cmd_run, "stage": cmd_stage, "status": cmd_status, "verify": cmd_verify, "config": cmd_config,
+def cmd_score(args) -> int:
+    """`tessera score --samples X.npz --ref REF`: the score stage's computation on any archive."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .inception import load_inception
+    from .io import atomic_path, atomic_write_json
+    from .scoring import METRIC_NAMES, leaderboard_row, read_npz_header, reference_from_npz, score_samples
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    bad = [m for m in metrics if m not in METRIC_NAMES]
+    if bad:
+        raise ConfigError(f"--metrics: {bad[0]!r} is not a metric; choose from {', '.join(METRIC_NAMES)}")
+    samples = Path(args.samples)
+    if not samples.is_file():
+        raise ConfigError(f"--samples: {samples}: no such file")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    extractor, source = load_inception(args.inception_weights, download=not args.no_download,
+                                       allow_uncalibrated=args.allow_uncalibrated, device=device)
+    reference = reference_from_npz(Path(args.ref), extractor, batch=args.batch_size,
+                                   need_features=bool({"kid", "prc"} & set(metrics)))
+    result = score_samples(samples, reference, extractor, source, metrics, batch=args.batch_size,
+                           kid_subset_size=args.kid_subset_size)
+    num = read_npz_header(samples)[0][0]
+    record = {"metrics": result, "inception": source, "reference": str(args.ref), "samples": str(samples),
+              "num_samples": num}
+    print(json.dumps(record, indent=1))
+    row = leaderboard_row(samples.stem, None, "-", "-", result, num, str(args.ref))
+    print(row, end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "metrics.json", record)
+        with atomic_path(out / "leaderboard.md") as tmp:
+            tmp.write_text(row)
+    return 0
+
+
+COMMANDS = {"estimate": cmd_estimate, "score": cmd_score, "run": cmd_run, "stage": cmd_stage, "status": cmd_status, "verify": cmd_verify, "config": cmd_config,
             "import": cmd_import}
 
 

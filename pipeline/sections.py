@@ -109,19 +109,42 @@ class PrecomputeConfig:
 
 @dataclass
 class SampleConfig:
-    num_samples: int = option(50000, "images to generate (class-balanced)", ge=1)
-    batch_size: int = option(64, "images per sampling batch on each rank", ge=1)
-    temperature: float = option(1.0, "softmax temperature", gt=0.0)
-    top_k: int = option(0, "top-k filter (0: off)", ge=0)
-    top_p: float = option(1.0, "nucleus filter (1.0: off)", gt=0.0, le=1.0)
-    cfg_scale: float = option(1.0, "classifier-free guidance scale (1.0: off)", ge=0.0)
+    num_samples: int = option(50000, "images to generate; class-conditional: sample i has class i mod num_classes "
+                                     "(exactly balanced when it divides; else the first classes get one more)", ge=1)
+    batch_size: int = option(64, "samples drawn per batch (the same on every rank: a chunk's bytes do not depend "
+                                 "on the launch)", ge=1)
+    chunk_size: int = option(1000, "samples per output tar (the unit of work and of resume)", ge=1)
+    temperature: float = option(1.0, "softmax temperature (contents for dq)", gt=0.0)
+    top_k: list[int] = option([0], "top-k per depth (rq; the last value repeats), contents for dq; 0: off", ge=0)
+    top_p: list[float] = option([1.0], "top-p per depth (rq; the last repeats), contents for dq; 1.0: off", gt=0.0,
+                                le=1.0)
+    position_temperature: float = option(1.0, "dq: temperature of the position draws", gt=0.0)
+    position_top_k: int = option(0, "dq: top-k of the position draws (the authors: 1024); 0: off", ge=0)
+    position_top_p: float = option(1.0, "dq: top-p of the position draws", gt=0.0, le=1.0)
+    cfg_scale: float = option(1.0, "classifier-free guidance scale (1.0: off; needs a prior trained with "
+                                   "class_dropout > 0)", ge=0.0)
+    cfg_schedule: str = option("constant", "guidance over the sequence: constant, or linear from 1 to cfg_scale",
+                               choices=("constant", "linear"))
+    grid_classes: int = option(10, "sample grid: this many classes (rows), 8 samples each", ge=1)
 
 
 @dataclass
 class ScoreConfig:
-    metrics: list[str] = option(["fid"], "metrics to compute", choices=("fid", "isc", "kid", "prc"))
-    inception_weights: str = option("", "path to torch-fidelity's inception-v3-compat weights (no download here)")
-    reference_stats: str = option("", "precomputed reference statistics (.npz/.pt); empty: the dataset's val split")
+    metrics: list[str] = option(["fid", "isc", "kid", "prc"], "metrics to compute (FID, Inception Score, KID, "
+                                "precision/recall)", choices=("fid", "isc", "kid", "prc"))
+    reference: str = option("", "reference: empty = the dataset's shards (reference_split; statistics cached in "
+                                "the run directory), or an .npz: the ADM batch (mu, sigma, arr_0) or stats (mu, sigma)")
+    reference_split: str = option("val", "shard split used as the reference when `reference` is empty",
+                                  choices=("train", "val"))
+    inception_weights: str = option("", "torch-fidelity's inception-v3-compat weights (.pth); empty: its download "
+                                        "cache or the download")
+    download_weights: bool = option(True, "download the Inception weights when no file is given or cached")
+    allow_uncalibrated: bool = option(False, "without Inception weights, use a seeded random Inception: metrics "
+                                             "are named *_uncalibrated (never FID); the demos set it")
+    batch_size: int = option(50, "images per Inception batch", ge=1)
+    kid_subset_size: int = option(1000, "KID subset size (capped at the smaller set)", ge=2)
+    classifier_check: bool = option(True, "also report the dataset probe classifier's accuracy on class-conditional "
+                                          "samples vs real val images")
 
 
 @dataclass

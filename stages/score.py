@@ -1,0 +1,177 @@
+"""Stage `score`: the samples of `sample` against a reference with torch-fidelity's Inception.
+
+1. Inputs: RUN_DIR/sample/samples.npz; the reference: `score.reference` (the ADM batch or a
+   statistics .npz) or the run's own image shards (`score.reference_split`, featurised once and
+   cached as RUN_DIR/score/reference-<split>.npz with the hashes it was made from).
+2. Inception weights: score.inception_weights, torch hub's cache, or the download; else a clear
+   error, or with score.allow_uncalibrated a seeded random network whose numbers are all named
+   *_uncalibrated (pipeline/inception.py).
+3. Metrics: FID, Inception Score, KID, precision/recall (score.metrics); the probe classifier's
+   accuracy on class-conditional samples next to its accuracy on real val images (no Inception
+   needed: it shows whether a prior learned its classes).
+4. Outputs: metrics.json and leaderboard.md (one markdown row). Rank 0 computes; other ranks wait.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.artifacts import PRIOR_CONFIG
+from pipeline.data.reader import ShardedImageDataset
+from pipeline.data.sample_shards import iter_npz_images
+from pipeline.dist import broadcast_object
+from pipeline.inception import UNCALIBRATED, inception_features, load_inception
+from pipeline.io import atomic_path, atomic_write_json, read_json, sha256_file
+from pipeline.rundir import RunDir
+from pipeline.scoring import leaderboard_row, reference_from_npz, save_reference, score_samples
+from pipeline.stage import StageContext, StageError, StageResult
+from pipeline.units import MANIFEST_NAME
+
+NAME = "score"
+SECTIONS = ("score",)
+INPUT_STAGES = ("sample",)
+IGNORED_KEYS = ("score.batch_size",)
+METRICS_JSON, LEADERBOARD = "metrics.json", "leaderboard.md"
+
+
+def samples_path(run_dir: Path) -> Path:
+    run = RunDir(run_dir)
+    if run.read_done("sample") is None:
+        raise StageError(f"score needs the sample stage first (no {run.done_path('sample')}); or score any ADM-format "
+                         f"archive with `tessera score --samples X.npz --ref REF`")
+    return run.stage_dir("sample") / "samples.npz"
+
+
+def input_fingerprints(ctx: StageContext) -> dict[str, str]:
+    run = RunDir(ctx.run_dir)
+    samples = samples_path(ctx.run_dir)
+    inputs = {"sample/samples.npz": run.read_done("sample").get("outputs", {}).get("samples.npz")
+              or sha256_file(samples)}
+    sc = ctx.cfg.score
+    if sc.reference:
+        inputs["reference"] = sha256_file(sc.reference) if Path(sc.reference).is_file() else f"missing:{sc.reference}"
+    else:
+        inputs["shard/manifest.json"] = sha256_file(shard_manifest(run))
+    return inputs
+
+
+def shard_manifest(run: RunDir) -> Path:
+    path = run.stage_dir("shard") / MANIFEST_NAME
+    if not path.is_file():
+        raise StageError(f"score.reference is empty, so the reference is the run's own shards, and there are none "
+                         f"({path}); run the shard stage or set score.reference=/path/to/VIRTUAL_imagenet256_labeled.npz")
+    return path
+
+
+def dataset_reference(ctx: StageContext, extractor, source: str, need_features: bool) -> dict:
+    """The shards' reference split, featurised once; the cache is reused while shards and weights match."""
+    sc = ctx.cfg.score
+    run = RunDir(ctx.run_dir)
+    manifest = shard_manifest(run)
+    cache = ctx.stage_dir / f"reference-{sc.reference_split}.npz"
+    key = {"shard_manifest_sha256": sha256_file(manifest), "split": sc.reference_split, "inception": source}
+    key_path = cache.with_suffix(".json")
+    if cache.is_file() and key_path.is_file() and read_json(key_path) == key:
+        ctx.logger.info("reference statistics: cached %s", cache)
+        return reference_from_npz(cache, extractor, batch=sc.batch_size, need_features=need_features)
+    dataset = ShardedImageDataset(manifest, sc.reference_split)
+
+    def blocks():
+        for lo in range(0, len(dataset), sc.batch_size):
+            yield np.stack([((dataset[i][0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+                            for i in range(lo, min(len(dataset), lo + sc.batch_size))])
+
+    features = inception_features(extractor, blocks(), total=len(dataset), desc=f"reference ({sc.reference_split})")
+    ref = save_reference(cache, features["2048"], f"shards:{sc.reference_split}")
+    atomic_write_json(key_path, key)
+    return ref
+
+
+def classifier_check(ctx: StageContext, samples: Path) -> dict:
+    """Probe-classifier accuracy on the samples (labels arr_1) and on real val images."""
+    from pipeline.train.classifier import classifier_for_run
+
+    run = RunDir(ctx.run_dir)
+    manifest = run.stage_dir("shard") / MANIFEST_NAME
+    with np.load(samples) as archive:
+        labels = archive["arr_1"]
+    if not manifest.is_file() or labels.min() < 0:
+        return {}
+    model, meta = classifier_for_run(ctx.run_dir, manifest, seed=ctx.cfg.seed, logger=ctx.logger)
+    correct = seen = 0
+    with torch.no_grad():
+        for block in iter_npz_images(samples, 256):
+            if block.shape[1] != meta["resolution"]:
+                return {}
+            x = torch.from_numpy(np.ascontiguousarray(block)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+            pred = model.predict(x)
+            correct += int((pred.numpy() == labels[seen:seen + len(block)]).sum())
+            seen += len(block)
+    return {"classifier_accuracy_samples": correct / max(seen, 1),
+            "classifier_accuracy_real_val": meta["val_accuracy"], "classifier_chance": 1.0 / meta["num_classes"]}
+
+
+def describe_model(run: RunDir) -> tuple[str, int | None, str]:
+    """(model name, parameters, tokens per image) for the leaderboard row."""
+    prior = run.read_done("train_prior") or {}
+    config_path = run.stage_dir("train_prior") / PRIOR_CONFIG
+    if not config_path.is_file():
+        return "-", None, "-"
+    cfg = read_json(config_path)
+    spec, p = cfg["spec"], cfg["prior"]
+    name = p.get("preset") or f"{p['kind']}-transformer {p['embed_dim']}w"
+    tokens = (f"{spec['height']}x{spec['width']}x{spec['depth']}" if spec["kind"] == "rq"
+              else f"{spec['height']}x{spec['width']} coarse / {2 * spec['height']}x{2 * spec['width']} fine")
+    return name, prior.get("counts", {}).get("parameters"), tokens
+
+
+def run(ctx: StageContext) -> StageResult:
+    samples = samples_path(ctx.run_dir)
+    outcome = None
+    if ctx.env.is_main:
+        try:
+            outcome = {"metrics": compute(ctx, samples)}
+        except StageError as err:
+            outcome = {"error": str(err)}
+    outcome = broadcast_object(outcome)
+    if "error" in outcome:
+        raise StageError(outcome["error"])
+    metrics = outcome["metrics"]
+    with np.load(samples) as archive:
+        count = int(archive["arr_1"].shape[0])
+    return StageResult(counts={"samples": count}, metrics=metrics,
+                       outputs={n: sha256_file(ctx.stage_dir / n) for n in (METRICS_JSON, LEADERBOARD)})
+
+
+def compute(ctx: StageContext, samples: Path) -> dict:
+    sc = ctx.cfg.score
+    run_dir = RunDir(ctx.run_dir)
+    extractor, source = load_inception(sc.inception_weights, download=sc.download_weights,
+                                       allow_uncalibrated=sc.allow_uncalibrated, device=ctx.device)
+    if source == UNCALIBRATED:
+        ctx.logger.warning("no Inception weights: uncalibrated Inception (every metric is named *_uncalibrated)")
+    need_features = bool({"kid", "prc"} & set(sc.metrics))
+    if sc.reference:
+        reference = reference_from_npz(Path(sc.reference), extractor, batch=sc.batch_size, need_features=need_features)
+    else:
+        reference = dataset_reference(ctx, extractor, source, need_features)
+    metrics = score_samples(samples, reference, extractor, source, sc.metrics, batch=sc.batch_size,
+                            kid_subset_size=sc.kid_subset_size)
+    if sc.classifier_check:
+        metrics.update(classifier_check(ctx, samples))
+    sample_done = run_dir.read_done("sample") or {}
+    sampling = sample_done.get("metrics", {}).get("sampling", {})
+    settings = (f"T={sampling.get('temperature', '-')} top-k={sampling.get('top_k', '-')} "
+                f"top-p={sampling.get('top_p', '-')} cfg={sampling.get('cfg_scale', '-')}")
+    name, params, tokens = describe_model(run_dir)
+    num = sample_done.get("counts", {}).get("samples", 0)
+    record = {"metrics": metrics, "inception": source, "reference": reference["source"], "samples": str(samples),
+              "num_samples": num, "model": name, "parameters": params, "tokens_per_image": tokens,
+              "sampling": sampling}
+    atomic_write_json(ctx.stage_dir / METRICS_JSON, record)
+    with atomic_path(ctx.stage_dir / LEADERBOARD) as tmp:
+        tmp.write_text(leaderboard_row(name, params, tokens, settings, metrics, num, reference["source"]))
+    ctx.logger.info("score: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    return metrics
