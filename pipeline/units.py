@@ -182,3 +182,10 @@ class UnitWork:
         if outcome.get("pending"):
             return None
         return outcome["result"], all_stats
+
+
+def items_and_rate(all_stats: list[dict]) -> tuple[int, float]:
+    """(items this run wrote over all workers, items per second of the slowest worker's wall time)."""
+    seconds = max(max((s["seconds"] for s in all_stats), default=0.0), 1e-9)
+    items = sum(s["items"] for s in all_stats)
+    return items, items / seconds

@@ -28,7 +28,7 @@ from pipeline.generation.sampling import SamplingOptions
 from pipeline.io import atomic_write_json, json_bytes, read_json, sha256_file, sha256_json
 from pipeline.rundir import RunDir
 from pipeline.stage import StageContext, StageError, StageResult
-from pipeline.units import MANIFEST_NAME, Unit, UnitWork, publish_unit
+from pipeline.units import MANIFEST_NAME, Unit, UnitWork, items_and_rate, publish_unit
 
 NAME = "sample"
 SECTIONS = ("sample",)
@@ -104,12 +104,11 @@ def run(ctx: StageContext) -> StageResult | None:
         ctx.logger.info("sample: other tasks' chunks are still missing; the last task packs samples.npz")
         return None
     manifest, all_stats = finished
-    seconds = max(max(s["seconds"] for s in all_stats), 1e-9)
-    drawn = sum(s["items"] for s in all_stats)
+    drawn, rate = items_and_rate(all_stats)
     per_class = manifest["per_class"]
     counts = {"samples": job.num_samples, "classes": job.num_classes, "chunks": len(job.plan),
               **({"min_per_class": min(per_class), "max_per_class": max(per_class)} if per_class else {})}
-    metrics = {"images_per_s": round(drawn / seconds, 2), "samples_drawn_this_run": drawn,
+    metrics = {"images_per_s": round(rate, 2), "samples_drawn_this_run": drawn,
                "sampling": manifest["sampling"]}
     return StageResult(counts=counts, metrics=metrics,
                        outputs={NPZ: sha256_file(ctx.stage_dir / NPZ), GRID: sha256_file(ctx.stage_dir / GRID),

@@ -19,7 +19,7 @@ from pipeline.data.shards import encode_loaded, plan_shards, samples_per_shard, 
 from pipeline.data.sources import make_source
 from pipeline.io import atomic_write_text, json_bytes, sha256_json
 from pipeline.stage import StageContext, StageError, StageResult
-from pipeline.units import MANIFEST_NAME, UnitWork, publish_unit
+from pipeline.units import MANIFEST_NAME, UnitWork, items_and_rate, publish_unit
 
 NAME = "shard"
 SECTIONS = ("data",)
@@ -68,9 +68,8 @@ def run(ctx: StageContext) -> StageResult | None:
         ctx.logger.info("shard: other tasks' shards are still missing; the last task to finish writes the manifest")
         return None
     summary, all_stats = finished
-    seconds = max(max(s["seconds"] for s in all_stats), 1e-9)
-    images_now = sum(s["items"] for s in all_stats)
-    metrics = {"images_written_this_run": images_now, "images_per_s": round(images_now / seconds, 1)}
+    images_now, rate = items_and_rate(all_stats)
+    metrics = {"images_written_this_run": images_now, "images_per_s": round(rate, 1)}
     ctx.logger.info("shard: manifest written: %s", summary["counts"])
     return StageResult(counts=summary["counts"], metrics=metrics, outputs=summary["outputs"])
 

@@ -222,3 +222,26 @@ class CheckpointManager:
                 if path.name.startswith(".step_") and path.name.endswith(".tmp"):
                     self.logger.info("removing %s, left by an interrupted checkpoint save", path)
                     shutil.rmtree(path, ignore_errors=True)
+
+
+def resume_newest(checkpoints: "CheckpointManager", meta: dict, load) -> bool:
+    """Load the newest checkpoint that matches `meta` through `load(folder)` on every rank; a
+    folder any rank fails to read is skipped with a warning and the next older one is tried.
+    Collective. IncompatibleCheckpoint becomes a StageError (another config wrote them)."""
+    from ..dist import all_gather_objects
+    from ..errors import StageError
+
+    try:
+        for step, folder in checkpoints.candidates(meta):
+            error = None
+            try:
+                load(folder)
+            except Exception as err:  # a corrupt file raises several different error types
+                error = f"could not be loaded ({type(err).__name__}: {err})"
+            errors = [e for e in all_gather_objects(error) if e]
+            if not errors:
+                return True
+            checkpoints.skip(step, errors[0])
+    except IncompatibleCheckpoint as err:
+        raise StageError(str(err)) from None
+    return False

@@ -27,7 +27,7 @@ from ..io import atomic_write_json, read_json
 from ..losses.prior_loss import rq_prior_loss
 from ..models.prior_config import CodeSpec
 from ..models.registry import build_prior
-from .checkpoint import RECORD, CheckpointManager, IncompatibleCheckpoint, load_pt
+from .checkpoint import RECORD, CheckpointManager, load_pt, resume_newest
 from .ema import WeightEMA
 from .engine import engine_meta, make_engine
 from .prior_engine import UNIVERSAL_DONE, decay_groups, newest_world_size, prior_deepspeed_config, to_universal
@@ -144,20 +144,9 @@ class PriorTrainer:
         return client
 
     def resume(self) -> bool:
-        try:
-            for step, folder in self.checkpoints.candidates(self.meta):
-                error = None
-                try:
-                    self._load(folder)
-                except Exception as err:  # a corrupt file raises several different error types
-                    error = f"could not be loaded ({type(err).__name__}: {err})"
-                errors = [e for e in all_gather_objects(error) if e]
-                if not errors:
-                    self.logger.info("resumed from checkpoint at step %d", self.step)
-                    return True
-                self.checkpoints.skip(step, errors[0])
-        except IncompatibleCheckpoint as err:
-            raise StageError(str(err)) from None
+        if resume_newest(self.checkpoints, self.meta, self._load):
+            self.logger.info("resumed from checkpoint at step %d", self.step)
+            return True
         return False
 
     # ----- one optimizer step ----------------------------------------------------------

@@ -20,12 +20,12 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config
-from ..dist import DistEnv, all_gather_objects
+from ..dist import DistEnv
 from ..io import atomic_write_json
 from ..losses import TokenizerLoss
 from ..models.registry import build_tokenizer
 from ..stage import StageError
-from .checkpoint import CheckpointManager, IncompatibleCheckpoint, load_pt
+from .checkpoint import CheckpointManager, load_pt, resume_newest
 from .engine import deepspeed_config, engine_meta, make_engine
 from .rng import capture_rng_state, restore_rng_state
 from .schedule import warmup_cosine
@@ -149,20 +149,9 @@ class TokenizerTrainer:
         restore_rng_state(client["rng"])
 
     def resume(self) -> bool:
-        try:
-            for step, folder in self.checkpoints.candidates(self.meta):
-                error = None
-                try:
-                    self._load(folder)
-                except Exception as err:  # a corrupt file raises several different error types
-                    error = f"could not be loaded ({type(err).__name__}: {err})"
-                errors = [e for e in all_gather_objects(error) if e]
-                if not errors:
-                    self.logger.info("resumed from checkpoint at step %d", self.step)
-                    return True
-                self.checkpoints.skip(step, errors[0])
-        except IncompatibleCheckpoint as err:
-            raise StageError(str(err)) from None
+        if resume_newest(self.checkpoints, self.meta, self._load):
+            self.logger.info("resumed from checkpoint at step %d", self.step)
+            return True
         return False
 
     # ----- one optimizer step ----------------------------------------------------------
