@@ -30,7 +30,7 @@ UNCALIBRATED_SEED = 20151205  # the date in the weights' name: any fixed seed wo
 
 
 class InceptionWeightsMissing(StageError):
-    pass
+    """No usable Inception weights; the message names the file to fetch and where to put it."""
 
 
 def _url() -> str:

@@ -58,6 +58,12 @@ def read_sample_chunk(path: Path) -> Iterator[tuple[int, np.ndarray, int]]:
             yield index, image, int(tar.extractfile(cls).read())
 
 
+def read_chunk_labels(path: Path) -> list[int]:
+    """The labels of a chunk in order, without decoding its images."""
+    with tarfile.open(path, "r") as tar:
+        return [int(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".cls")]
+
+
 def _write_npy_member(zf: zipfile.ZipFile, name: str, shape: tuple, dtype: np.dtype, blocks: Iterable[np.ndarray]):
     """One .npy member of an .npz written block by block (rows along the first axis)."""
     with zf.open(name, "w", force_zip64=True) as f:
@@ -80,7 +86,7 @@ def pack_npz(path: Path, chunks: list[Path], num_samples: int, resolution: int) 
 
     def label_blocks():
         for chunk in chunks:
-            yield np.asarray([label for _, _, label in read_sample_chunk(chunk)], dtype=np.int64)
+            yield np.asarray(read_chunk_labels(chunk), dtype=np.int64)
 
     with atomic_path(path) as tmp:
         # ZIP_STORED: the images are incompressible noise to deflate and np.load maps them faster.
