@@ -118,13 +118,18 @@ def stage2_files(stage2_dir: str | Path) -> tuple[Path, Path]:
 def load_rq_official_prior(stage2_dir: str | Path, codebook_BKC: torch.Tensor | None = None, *,
                            ema: bool = True):
     """(model, PriorConfig, CodeSpec) from a released stage-2 folder; `codebook_BKC` = the stage-1 codes' vectors."""
-    from ..models.rq_transformer import RQTransformer
-
     ckpt_path, cfg_path = stage2_files(stage2_dir)
     cfg, spec = prior_config_from_yaml(yaml.safe_load(cfg_path.read_text()))
     theirs, _ = load_stage2_state_dict(ckpt_path, ema)
+    return build_from_their_state(theirs, cfg, spec, codebook_BKC), cfg, spec
+
+
+def build_from_their_state(theirs: dict, cfg: PriorConfig, spec: CodeSpec, codebook_BKC: torch.Tensor | None):
+    """Our RQTransformer (eval mode) holding their weights over the given code vectors."""
+    from ..models.rq_transformer import RQTransformer
+
     model = RQTransformer(cfg, spec, codebook_BKC)
     state = convert_state_dict(theirs, model.state_dict())
     state["codebook"] = model.codebook
     model.load_state_dict(state)
-    return model.eval(), cfg, spec
+    return model.eval()

@@ -22,7 +22,7 @@ from ..io import atomic_write_json, sha256_file
 from ..stage import StageContext, StageOutcome, StageResult, load_stage_module, run_stage
 from .rq_official import (CONFIG_FILE, IMPORT_INPUT_PREFIX, IMPORT_RECORD, MODEL_FILE, SOURCE, build_run_config,
                           convert_stage1, load_stage1_state_dict, read_stage1_config, stage1_files)
-from .rq_official_prior import convert_state_dict, load_stage2_state_dict, prior_config_from_yaml, stage2_files
+from .rq_official_prior import build_from_their_state, load_stage2_state_dict, prior_config_from_yaml, stage2_files
 
 
 class _ImportedStage:
@@ -111,7 +111,6 @@ def prepare_stage1(stage1: str | Path, *, config: str | Path | None = None, over
 def prepare_stage2(stage2: str | Path, tokenizer, cfg: Config) -> PreparedImport:
     """Their RQ-Transformer folder -> our prior over `tokenizer`'s codebook (nothing written yet)."""
     from ..models.prior_config import CodeSpec
-    from ..models.rq_transformer import RQTransformer
 
     model_pt, config_yaml = stage2_files(stage2)
     prior_cfg, spec = prior_config_from_yaml(yaml.safe_load(config_yaml.read_text()))
@@ -120,16 +119,13 @@ def prepare_stage2(stage2: str | Path, tokenizer, cfg: Config) -> PreparedImport
         raise ConfigError(f"--stage2: their RQ-Transformer models codes {spec} but the stage-1 tokenizer makes "
                           f"{codes}; pass the stage-1 folder it was trained on")
     theirs, which = load_stage2_state_dict(model_pt)
-    model = RQTransformer(prior_cfg, spec, tokenizer.quantizer.embed.detach())
-    state = convert_state_dict(theirs, model.state_dict())
-    state["codebook"] = model.codebook
-    model.load_state_dict(state)
+    model = build_from_their_state(theirs, prior_cfg, spec, tokenizer.quantizer.embed.detach())
     inputs = {f"{IMPORT_INPUT_PREFIX}{SOURCE}/stage2/{MODEL_FILE}[{which}]": sha256_file(model_pt),
               f"{IMPORT_INPUT_PREFIX}{SOURCE}/stage2/{CONFIG_FILE}": sha256_file(config_yaml)}
     record = {"source": SOURCE, "folder": str(model_pt.parent.resolve()), "state_dict": which,
               "tensors": len(theirs), "inputs": inputs,
               "null_class": "added (mean of their class embeddings): guidance needs fine-tuning"}
-    return PreparedImport(_ImportedPriorStage(model.eval(), inputs, record), cfg)
+    return PreparedImport(_ImportedPriorStage(model, inputs, record), cfg)
 
 
 def import_rq_official(*, stage1: str | Path, run_dir: str | Path, stage2: str | Path | None = None,
