@@ -18,7 +18,7 @@ from .io import sha256_json
 from .models.prior_config import PriorConfig
 from .models.tokenizer_config import TokenizerConfig
 from .sections import (DataConfig, LauncherConfig, PrecomputeConfig, PriorTrainConfig, SampleConfig, ScoreConfig,
-                       TrainConfig)
+                       TokenizerTrainConfig)
 
 
 # Keys that change how a stage runs, never what it produces: excluded from every stage's hash,
@@ -34,7 +34,7 @@ class Config:
     seed: int = option(0, "master seed: shards, init, data order and sampling all derive from it", ge=0)
     data: DataConfig = option(DataConfig(), "image source, resolution and shard layout")
     tokenizer: TokenizerConfig = option(TokenizerConfig(), "tokenizer architecture, quantizer and losses")
-    tokenizer_train: TrainConfig = option(TrainConfig(), "optimisation of the tokenizer")
+    tokenizer_train: TokenizerTrainConfig = option(TokenizerTrainConfig(), "optimisation of the tokenizer")
     precompute: PrecomputeConfig = option(PrecomputeConfig(), "encoding the dataset into code shards")
     prior: PriorConfig = option(PriorConfig(), "the autoregressive prior")
     prior_train: PriorTrainConfig = option(PriorTrainConfig(), "optimisation of the prior")

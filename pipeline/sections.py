@@ -69,6 +69,14 @@ class TrainConfig:
 
 
 @dataclass
+class TokenizerTrainConfig(TrainConfig):
+    """`tokenizer_train`: TrainConfig plus what only the tokenizer's eval uses."""
+    rfid_images: int = option(0, "final eval: rFID of the reconstructions of the first N val images against "
+                                 "those images (capped at the split; 0: off; 50000 = ImageNet val). Inception "
+                                 "weights as the score section says; *_uncalibrated without them", ge=0)
+
+
+@dataclass
 class PriorTrainConfig(TrainConfig):
     """`prior_train`: TrainConfig with the authors' prior recipe as defaults, plus what only the prior uses."""
     lr: float = option(5e-4, "peak learning rate", gt=0.0)

@@ -2,7 +2,7 @@
 
 1. Inputs: RUN_DIR/sample/samples.npz; the reference: `score.reference` (the ADM batch or a
    statistics .npz) or the run's own image shards (`score.reference_split`, featurised once and
-   cached as RUN_DIR/score/reference-<split>.npz with the hashes it was made from).
+   cached as RUN_DIR/inception/reference-<split>.npz with the hashes it was made from).
 2. Inception weights: score.inception_weights, torch hub's cache, or the download; else a clear
    error, or with score.allow_uncalibrated a seeded random network whose numbers are all named
    *_uncalibrated (pipeline/inception.py).
@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from pipeline.artifacts import PRIOR_CONFIG
-from pipeline.data.reader import ShardedImageDataset
 from pipeline.data.sample_shards import iter_npz_images
 from pipeline.dist import broadcast_object
-from pipeline.inception import UNCALIBRATED, inception_features, load_inception
+from pipeline.inception import UNCALIBRATED, load_inception
 from pipeline.io import atomic_path, atomic_write_json, read_json, sha256_file
 from pipeline.rundir import RunDir
-from pipeline.scoring import leaderboard_row, reference_from_npz, save_reference, score_samples
+from pipeline.reference_stats import split_reference
+from pipeline.scoring import leaderboard_row, reference_from_npz, score_samples
 from pipeline.stage import StageContext, StageError, StageResult
 from pipeline.units import MANIFEST_NAME
 
@@ -66,27 +66,11 @@ def shard_manifest(run: RunDir) -> Path:
 
 
 def dataset_reference(ctx: StageContext, extractor, source: str, need_features: bool) -> dict:
-    """The shards' reference split, featurised once; the cache is reused while shards and weights match."""
+    """The shards' reference split, featurised once per run (pipeline/reference_stats.py: the same
+    cache train_tokenizer's rFID fills) and reused while the shards and the weights match."""
     sc = ctx.cfg.score
-    run = RunDir(ctx.run_dir)
-    manifest = shard_manifest(run)
-    cache = ctx.stage_dir / f"reference-{sc.reference_split}.npz"
-    key = {"shard_manifest_sha256": sha256_file(manifest), "split": sc.reference_split, "inception": source}
-    key_path = cache.with_suffix(".json")
-    if cache.is_file() and key_path.is_file() and read_json(key_path) == key:
-        ctx.logger.info("reference statistics: cached %s", cache)
-        return reference_from_npz(cache, extractor, batch=sc.batch_size, need_features=need_features)
-    dataset = ShardedImageDataset(manifest, sc.reference_split)
-
-    def blocks():
-        for lo in range(0, len(dataset), sc.batch_size):
-            yield np.stack([((dataset[i][0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
-                            for i in range(lo, min(len(dataset), lo + sc.batch_size))])
-
-    features = inception_features(extractor, blocks(), total=len(dataset), desc=f"reference ({sc.reference_split})")
-    ref = save_reference(cache, features["2048"], f"shards:{sc.reference_split}")
-    atomic_write_json(key_path, key)
-    return ref
+    return split_reference(ctx.run_dir, shard_manifest(RunDir(ctx.run_dir)), sc.reference_split, extractor, source,
+                           batch=sc.batch_size, need_features=need_features, logger=ctx.logger)
 
 
 def classifier_check(ctx: StageContext, samples: Path) -> dict:

@@ -24,6 +24,7 @@ TINY_TOKENIZER = [
     "tokenizer.codebook_size=32",
     "tokenizer_train.batch_size=8", "tokenizer_train.eval_images=16", "tokenizer_train.warmup_steps=2",
     "tokenizer_train.eval_classifier=false",  # the demo configs' probe classifier: tested where it is enabled
+    "tokenizer_train.rfid_images=0",  # rFID (Inception on every reconstruction): tested in test_sample_score.py
 ]
 
 

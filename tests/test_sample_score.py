@@ -34,7 +34,8 @@ def run_stages(run_dir, stages, *extra, nproc=1, check=True):
 @pytest.fixture(scope="module")
 def prior_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("prior")
-    run_stages(run_dir, "shard,train_tokenizer,precompute_codes,train_prior")
+    # rFID over the whole val split: its reference is the score stage's default one (one cache for both).
+    run_stages(run_dir, "shard,train_tokenizer,precompute_codes,train_prior", "tokenizer_train.rfid_images=1000")
     return run_dir
 
 
@@ -114,7 +115,7 @@ def test_score_names_uncalibrated_metrics_and_checks_classes(sampled):
 
 
 def test_statistics_file_reference_and_standalone_score_equal_the_shard_reference(sampled, tmp_path):
-    cache = sampled / "score" / "reference-val.npz"
+    cache = sampled / "inception" / "reference-val.npz"
     with np.load(cache) as stats:
         assert stats["features"].shape == (100, 2048) and stats["sigma"].shape == (2048, 2048)
     by_dir = json.loads((sampled / "score" / "metrics.json").read_text())["metrics"]
@@ -160,3 +161,59 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
     calibrated = compute_metrics(feats, ref, ["fid"], source="/weights.pth")
     assert list(calibrated) == ["fid"]
     assert torch.isfinite(feats["logits_unbiased"]).all()
+
+
+def test_tokenizer_rfid_is_reported_and_shares_the_score_reference(sampled):
+    done = json.loads((sampled / "train_tokenizer" / "done.json").read_text())["metrics"]
+    assert done["rfid_images"] == 100 and done["rfid_uncalibrated"] > 0 and "rfid" not in done
+    key = json.loads((sampled / "inception" / "reference-val.json").read_text())
+    assert key["images"] == 100 and key["inception"] == "uncalibrated"
+    # train_tokenizer featurised the val split; score found it in the cache instead of redoing it.
+    assert "reference statistics: cached" in (sampled / "score" / "log.txt").read_text()
+    status = tessera("status", str(sampled)).stdout
+    row = next(line for line in status.splitlines() if line.startswith("train_tokenizer"))
+    assert f"rfid_uncalibrated={done['rfid_uncalibrated']:.4g}" in row
+
+
+class _Shifted(torch.nn.Module):
+    """A 'tokenizer' whose reconstruction is the image plus a constant: rFID's inputs are known."""
+
+    def __init__(self, shift: float):
+        super().__init__()
+        self.shift = shift
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def encode(self, images):
+        return images
+
+    def decode(self, codes):
+        return codes + self.shift
+
+
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # 20 samples of 2048 features: rank-deficient on purpose
+def test_rfid_is_the_frechet_distance_of_reconstructions_to_originals(tmp_path):
+    from scipy import linalg
+
+    from pipeline.data.reader import ShardedImageDataset
+    from pipeline.generation.decode import to_uint8
+    from pipeline.inception import inception_features, load_inception
+    from pipeline.reference_stats import reconstruction_fid
+
+    tessera("stage", "shard", "configs/demo-rq.yaml", "--run-dir", str(tmp_path), *TINY_TOKENIZER, "data.num_val=24")
+    manifest = tmp_path / "shard" / "manifest.json"
+    extractor, source = load_inception(download=False, allow_uncalibrated=True)
+    kw = dict(max_images=20, batch=8, device=torch.device("cpu"))
+    exact = reconstruction_fid(_Shifted(0.0), tmp_path, manifest, extractor, source, **kw)
+    shifted = reconstruction_fid(_Shifted(0.4), tmp_path, manifest, extractor, source, **kw)
+    assert exact["rfid_images"] == 20 and (tmp_path / "inception" / "reference-val-first20.npz").is_file()
+    # The Frechet distance written out: |mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2)).
+    data = ShardedImageDataset(manifest, "val")
+    originals = to_uint8(torch.stack([data[i][0] for i in range(20)]))
+    recons = to_uint8(torch.stack([data[i][0] + 0.4 for i in range(20)]))
+    f1 = inception_features(extractor, [originals.numpy()])["2048"].double().numpy()
+    f2 = inception_features(extractor, [recons.numpy()])["2048"].double().numpy()
+    mu1, mu2, s1, s2 = f1.mean(0), f2.mean(0), np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    root = linalg.sqrtm(s1 @ s2).real
+    expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * root))
+    assert shifted["rfid_uncalibrated"] == pytest.approx(expected, rel=1e-3)
+    assert abs(exact["rfid_uncalibrated"]) < 1e-3 * shifted["rfid_uncalibrated"]

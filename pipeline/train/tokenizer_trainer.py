@@ -235,7 +235,37 @@ class TokenizerTrainer:
                 bar.close()
                 raise Preempted(self.step, guard.received)
         bar.close()
-        return self.evaluate()
+        metrics = self.evaluate()
+        if tc.rfid_images:
+            metrics.update(self.reconstruction_fid())
+        return metrics
+
+    def reconstruction_fid(self) -> dict:
+        """rFID on the main rank (the other ranks wait at the stage's next barrier); {} with a warning
+        when no Inception weights can be had: a missing eval network must not fail a finished training."""
+        from ..inception import UNCALIBRATED, InceptionWeightsMissing, load_inception
+        from ..reference_stats import reconstruction_fid
+
+        if not self.env.is_main:
+            return {}
+        sc = self.cfg.score
+        try:
+            extractor, source = load_inception(sc.inception_weights, download=sc.download_weights,
+                                               allow_uncalibrated=sc.allow_uncalibrated, device=self.device)
+        except InceptionWeightsMissing as err:
+            self.logger.warning("rFID skipped: %s", err)
+            return {}
+        if source == UNCALIBRATED:
+            self.logger.warning("rFID with an uncalibrated Inception: reported as rfid_uncalibrated")
+        metrics = reconstruction_fid(self.model, self.stage_dir.parent, self.loaders.manifest, extractor, source,
+                                     max_images=self.train_cfg.rfid_images, batch=sc.batch_size, device=self.device,
+                                     logger=self.logger)
+        self.logger.info("rFID at step %d: %s", self.step, metrics)
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"eval/{key}", value, self.step)
+            self.writer.flush()
+        return metrics
 
     def evaluate(self) -> dict:
         tc = self.train_cfg
