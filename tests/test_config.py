@@ -107,3 +107,16 @@ def test_runtime_and_ignored_keys_do_not_change_the_hash(repo_root):
     b = load_config(repo_root / DEMO, ["data.num_workers=4", "data.hflip=true"])
     assert a.section_hash(["data"]) != b.section_hash(["data"])  # hflip matters by default
     assert a.section_hash(["data"], ignore=["data.hflip"]) == b.section_hash(["data"], ignore=["data.hflip"])
+
+
+def test_readme_configuration_reference_is_generated_from_the_typed_config(repo_root):
+    from pipeline.config import config_keys
+    from pipeline.config_reference import BEGIN, END, render
+
+    readme = (repo_root / "README.md").read_text()
+    block = readme[readme.index(BEGIN):readme.index(END) + len(END)] + "\n"
+    assert block == render(), "README's configuration reference is stale: python -m pipeline.config_reference --write README.md"
+    # Every key `tessera config --keys` knows is documented, with its help text.
+    for line in config_keys():
+        key = line.split(" ", 1)[0]
+        assert f"| `{key}` |" in block, key
