@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_est.add_argument("--world-size", type=int, default=None, help="ranks (default: launcher.train_prior nodes x "
                        "gpus_per_node)")
     p_est.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    p_est.add_argument("--gpu-tflops", type=float, default=989.0, help="dense bf16 peak of one GPU in TFLOP/s "
+                       "(default 989: H100/H200)")
+    p_est.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation assumed for the wall "
+                       "time (default 0.35; benchmarks/prior_training.py measures it)")
 
     p_score = sub.add_parser("score", help="score any ADM-format sample archive (arr_0 uint8 N x H x W x 3) against "
                              "a reference .npz: FID, IS, KID, precision/recall")
@@ -120,6 +124,7 @@ def _run_dir(args, cfg) -> Path:
 def cmd_run(args) -> int:
     from .config import load_config
     from .stage import STAGE_NAMES, available_stages, preflight, run_stage
+    from .summary import format_summary
 
     cfg = load_config(args.config, args.overrides)
     implemented = available_stages()
@@ -138,6 +143,7 @@ def cmd_run(args) -> int:
     for name in stages:
         outcome = run_stage(name, cfg, run_dir, force=args.force)
         print(f"[tessera] {name}: {outcome.status}", flush=True)
+    print(format_summary(run_dir))
     print(f"[tessera] run directory: {run_dir}  (see `tessera status {run_dir}`)")
     return 0
 
@@ -203,7 +209,7 @@ def cmd_estimate(args) -> int:
     world = args.world_size or max(1, res.nodes * max(res.gpus_per_node, 1))
     if world < 1:
         raise ConfigError(f"--world-size must be >= 1, got {world}")
-    print(format_estimate(estimate(cfg, world, args.gpu_memory_gb), cfg.prior.preset))
+    print(format_estimate(estimate(cfg, world, args.gpu_memory_gb, args.gpu_tflops, args.mfu), cfg.prior.preset))
     return 0
 
 
