@@ -72,7 +72,8 @@ def activation_bytes(prior_cfg, spec, micro_batch: int, checkpointing: bool) -> 
     return acts + predicted * vocab * 10.0
 
 
-def estimate(cfg, world_size: int, gpu_memory_gib: float = 80.0) -> dict:
+def estimate(cfg, world_size: int, gpu_memory_gib: float = 80.0, gpu_tflops: float = 989.0,
+             mfu: float = 0.35) -> dict:
     """Parameters, model states per GPU for ZeRO 0-3 (with and without offload), activations at the
     configured micro-batch with and without checkpointing, and a recommendation."""
     from .models.prior_config import CodeSpec
@@ -103,8 +104,16 @@ def estimate(cfg, world_size: int, gpu_memory_gib: float = 80.0) -> dict:
                 break
         if recommendation:
             break
+    # Wall time of the whole run: model FLOPs (pipeline/train/throughput.py's accounting) over the
+    # FLOP/s the ranks sustain at an assumed MFU (benchmarks/prior_training.py measures the real one).
+    from .train.throughput import prior_flops_per_sample
+
+    total_flops = prior_flops_per_sample(model, spec) * tc.batch_size * tc.steps
+    hours = total_flops / (world_size * gpu_tflops * 1e12 * mfu) / 3600
     return dict(parameters=n_params, world_size=world_size, micro_batch=micro, rows=rows, activations_gib=acts,
-                gpu_memory_gib=gpu_memory_gib, recommendation=recommendation, spec=spec)
+                gpu_memory_gib=gpu_memory_gib, recommendation=recommendation, spec=spec,
+                compute=dict(total_flops=total_flops, steps=tc.steps, batch=tc.batch_size, gpu_tflops=gpu_tflops,
+                             mfu=mfu, hours=hours))
 
 
 def format_estimate(result: dict, preset: str) -> str:
@@ -126,4 +135,8 @@ def format_estimate(result: dict, preset: str) -> str:
         lines.append(f"recommendation ({result['gpu_memory_gib']:.0f} GiB GPUs, 10% headroom): prior_train.zero_stage="
                      f"{rec['zero_stage']}, offload {rec['offload']}, prior.grad_checkpointing="
                      f"{str(rec['grad_checkpointing']).lower()} (~{rec['gpu_total_gib']:.1f} GiB per GPU)")
+    c = result["compute"]
+    lines += ["", f"compute: {c['total_flops'] / 1e18:,.1f} EFLOP for {c['steps']:,} steps at batch {c['batch']:,}; "
+                  f"at {c['mfu']:.0%} MFU of {c['gpu_tflops']:.0f} TFLOP/s per GPU on {result['world_size']} GPUs: "
+                  f"~{c['hours']:.1f} h ({c['hours'] * result['world_size']:,.0f} GPU-hours)"]
     return "\n".join(lines)

@@ -231,6 +231,13 @@ def test_estimate_counts_the_paper_model_and_zero3_shrinks_with_ranks():
     assert one["activations_gib"][True] < one["activations_gib"][False]
     out = tessera("estimate", "configs/imagenet256-rq.yaml", "prior.preset=rq-1.4b", "--world-size", "16")
     assert "1,387,531,264 parameters" in out.stdout and "recommendation" in out.stdout
+    # Wall time: every one of the 256 codes of an image passes the 1.4B parameters at most once and the
+    # depth stack (a fraction of them) four times per position; 6 FLOPs per parameter and token.
+    c = one["compute"]
+    bound = 6 * one["parameters"] * 256 * c["batch"] * c["steps"]
+    assert bound / 4 < c["total_flops"] < bound
+    assert many["compute"]["hours"] == pytest.approx(c["hours"] * 8 / 64)
+    assert "GPU-hours" in out.stdout
     # Against a measured model: fp32 AdamW in one process holds weights + grads + 2 moments = 16 B/param.
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
     opt = torch.optim.AdamW(model.parameters())
