@@ -8,6 +8,7 @@ depend on them. Median of --repeats timed runs after one warm-up.
 
     python benchmarks/sampling_speed.py --device cpu             # small models, minutes on 2 cores
     python benchmarks/sampling_speed.py --device cuda            # rq-1.4b vs a 1.4B raster model, bf16
+    python benchmarks/sampling_speed.py --plot RESULTS.json      # redraw the PNG of saved results
 """
 from __future__ import annotations
 
@@ -73,6 +74,36 @@ def time_sampling(model, batch: int, device: str, use_cache: bool, repeats: int)
     return statistics.median(once() for _ in range(repeats))
 
 
+def plot(results: dict, path: Path) -> None:
+    """Images/s per batch size (log scale), one bar per model x KV cache, as a PNG next to the JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    series = sorted({(r["model"], r["kv_cache"]) for r in rows}, key=lambda k: (k[0], not k[1]))
+    batches = sorted({r["batch"] for r in rows})
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(8.5, 3.6))
+    for i, (model, cache) in enumerate(series):
+        xs, ys = [], []
+        for j, batch in enumerate(batches):
+            row = next((r for r in rows if (r["model"], r["kv_cache"], r["batch"]) == (model, cache, batch)), None)
+            if row:
+                xs.append(j + (i - (len(series) - 1) / 2) * width)
+                ys.append(row["images_per_s"])
+        ax.bar(xs, ys, width, label=f"{model}, KV cache {'on' if cache else 'off'}")
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_yscale("log")
+    ax.set_ylabel("images / s (codes only)")
+    ax.set_title(f"Prior sampling speed on {results['device']} (torch {results['torch']})")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -81,7 +112,12 @@ def main() -> None:
                     help="batch sizes also timed without the KV cache (slow)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None, metavar="RESULTS_JSON", help="only redraw the PNG of saved results")
     args = ap.parse_args()
+    if args.plot:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        print(f"wrote {args.plot.with_suffix('.png')}")
+        return
     dev = args.device
     batches = args.batch_sizes or ([1, 8, 32] if dev == "cpu" else [16, 64, 256])
     uncached = args.uncached_batch_sizes if args.uncached_batch_sizes is not None else ([8] if dev == "cpu" else [64])
@@ -109,8 +145,10 @@ def main() -> None:
         print(f"  batch {batch}: {rq['images_per_s'] / raster['images_per_s']:.2f}x")
     out = args.out or RESULTS / f"sampling_speed_{dev}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": dev, "torch": torch.__version__, "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    results = {"device": dev, "torch": torch.__version__, "rows": rows}
+    out.write_text(json.dumps(results, indent=1))
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
