@@ -138,15 +138,25 @@ def section_to_dict(section) -> dict:
     return dataclasses.asdict(section)
 
 
-def describe(cls, prefix: str = "") -> list[str]:
-    """One line per key: `path (type, default): help` -- used by `tessera config --keys`."""
-    lines, hints = [], typing.get_type_hints(cls)
+def leaf_fields(cls, prefix: str = ""):
+    """(dotted key, type, field) of every leaf key under `cls`, nested sections flattened, in order."""
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         path, tp = f"{prefix}{f.name}", hints[f.name]
         if dataclasses.is_dataclass(tp):
-            lines.extend(describe(tp, path + "."))
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            yield from leaf_fields(tp, path + ".")
+        else:
+            yield path, tp, f
+
+
+def field_default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def describe(cls, prefix: str = "") -> list[str]:
+    """One line per key: `path (type, default): help` -- used by `tessera config --keys`."""
+    lines = []
+    for path, tp, f in leaf_fields(cls, prefix):
         extra = f" choices={list(f.metadata['choices'])}" if f.metadata.get("choices") else ""
-        lines.append(f"{path} ({_type_name(tp)}, default {default!r}{extra}): {f.metadata.get('help', '')}")
+        lines.append(f"{path} ({_type_name(tp)}, default {field_default(f)!r}{extra}): {f.metadata.get('help', '')}")
     return lines
