@@ -21,6 +21,7 @@ the URL.
 from __future__ import annotations
 
 import hashlib
+import tarfile
 import logging
 import time
 from dataclasses import dataclass
@@ -44,6 +45,20 @@ class FetchOptions:
     connect_timeout_s: int = 30
 
 
+_FETCH_OPTIONS = FetchOptions()
+
+
+def set_fetch_options(options: FetchOptions) -> None:
+    """Retries and CA bundle for every shard stream this process (and its forked workers) opens;
+    the stage runner sets them from data.fetch_retries / data.ca_bundle."""
+    global _FETCH_OPTIONS
+    _FETCH_OPTIONS = options
+
+
+def fetch_options() -> FetchOptions:
+    return _FETCH_OPTIONS
+
+
 def expand_shard_urls(pattern: str) -> list[str]:
     """Every shard of a brace pattern, in order ("a-{000..002}.tar" -> 3 URLs; "::" joins patterns)."""
     from webdataset.shardlists import expand_urls
@@ -60,8 +75,7 @@ def is_local(url: str) -> bool:
 
 def open_shard(url: str, options: FetchOptions):
     """A readable binary stream of the shard at `url` (a file or a pipe whose exit status is checked)."""
-    from webdataset import gopen
-    from webdataset.gopen import Pipe
+    from webdataset.gopen import Pipe, gopen
 
     scheme = urlparse(url).scheme
     if scheme in ("http", "https"):
@@ -71,7 +85,7 @@ def open_shard(url: str, options: FetchOptions):
             cmd += ["--cacert", options.ca_bundle]
         # 141/23: curl killed by SIGPIPE / write error when the reader stops early (not a failure).
         return Pipe([*cmd, url], mode="rb", ignore_status=[141, 23])
-    return gopen.gopen(url, "rb")
+    return gopen(url, "rb")
 
 
 class ShardDigest:
@@ -121,7 +135,7 @@ def read_shard_samples(url: str, options: FetchOptions, *, digest: list | None =
             if digest is not None:
                 digest.append((stream.sha.hexdigest(), stream.bytes))
             return
-        except Exception as err:  # noqa: BLE001 -- tarfile.ReadError, a pipe's exit status, a reset: a bad read
+        except (OSError, EOFError, tarfile.TarError, ValueError) as err:  # a pipe's exit status, a cut stream...
             error = err
         finally:
             if stream is not None:
