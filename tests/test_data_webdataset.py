@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import TINY_TOKENIZER
 from pipeline.config import load_config
 from pipeline.data.manifest import ShardIntegrityError, load_manifest
-from pipeline.data.reader import make_image_loader
+from pipeline.data.reader import ShardedImageDataset, make_image_loader
 from pipeline.data.urls import FetchOptions, ShardFetchError, read_shard_samples
 from pipeline.stage import StageError, run_stage
 
@@ -105,10 +105,17 @@ def test_index_lists_urls_without_copying(demo, pipe_index):
     assert [s["sha256"] for s in train["shards"]] == [s["sha256"] for s in ours["splits"]["train"]["shards"]]
     assert train["num_samples"] == 64 and manifest["webdataset"]["image_key"] == "png"
     assert not list(pipe_index.glob("train/*.tar"))
+    with pytest.raises(ShardIntegrityError, match="wds_mode=reshard"):  # random access (precompute_codes, score)
+        ShardedImageDataset(pipe_index, "train")
 
 
 def _keys(loader):
     return [key for batch in loader for key in batch.keys]
+
+
+def test_stream_ranks_without_a_batch_are_an_error_not_a_hang(pipe_index):
+    with pytest.raises(StageError, match="rank 4 of 5 got no full batch of 8 .* 4 shard"):
+        list(make_image_loader(pipe_index, "train", 8, rank=4, world_size=5, drop_last=True))
 
 
 def test_stream_ranks_cover_the_split_without_overlap(pipe_index):
@@ -169,15 +176,18 @@ def test_corrupt_samples_are_skipped_and_listed(tmp_path):
     pattern = _write_set(tmp_path / "set", good[:3] + bad + good[3:])
     base = ["data.source=webdataset", f"data.wds_train={pattern}", "data.wds_image_key=png", "data.num_classes=3",
             "data.resolution=16", "data.max_reject_fraction=0.5"]
-    for mode in ("index", "reshard"):
-        outcome = run_stage("shard", load_config(None, [*base, f"data.wds_mode={mode}"]), tmp_path / mode)
+    for mode, fmt, reader in (("index", "webdataset", "stream"), ("reshard", "webdataset", "stream"),
+                              ("reshard", "mds", "indexed")):
+        run_dir = tmp_path / f"{mode}-{fmt}"
+        outcome = run_stage("shard", load_config(None, [*base, f"data.wds_mode={mode}", f"data.format={fmt}"]), run_dir)
         assert outcome.record["counts"]["rejected"] == 4 and outcome.record["counts"]["images"] == 6
-        lines = [json.loads(line) for line in (tmp_path / mode / "shard/rejected.jsonl").read_text().splitlines()]
+        lines = [json.loads(line) for line in (run_dir / "shard/rejected.jsonl").read_text().splitlines()]
         assert [e["path"].rsplit("#", 1)[1] for e in lines] == ["truncated", "nolabel", "outofrange", "noimage"]
         assert all(e["reason"] for e in lines)
-        batches = list(make_image_loader(tmp_path / mode / "shard", "train", 4, shuffle=False, reader="stream"))
+        batches = list(make_image_loader(run_dir / "shard", "train", 4, shuffle=False, reader=reader))
         assert sum(len(b.keys) for b in batches) == 6
         assert torch.cat([b.labels for b in batches]).tolist() == [i % 3 for i in range(6)]
+        assert torch.equal(batches[0].images[1], torch.full((3, 16, 16), 20 / 127.5 - 1.0))  # sample s1's pixels
 
 
 def test_index_mode_refuses_images_of_another_size(tmp_path):

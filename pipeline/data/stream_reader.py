@@ -18,6 +18,11 @@ The shards of a split may be our own (files next to the manifest) or an `index`e
    inside the worker. The shard's sha256 and sample count are checked against the manifest when
    its stream ends.
 
+The pipeline is webdataset's DataPipeline with webdataset's stages (tar expansion, grouping into
+samples, map, batched) around ours; the WebDataset class itself is not used because its opener
+(gopen) is fixed: it cannot retry a shard and continue after the last delivered sample, nor pass
+a CA bundle to curl (pipeline/data/urls.py), nor skip a resumed shard's consumed head.
+
 Resume: every batch carries, for each shard it took samples from, how many of that shard's
 (permuted) samples are consumed, and the worker slot it came from. The state records both; a
 resumed epoch skips finished shards without opening them, drops the consumed head of the
@@ -37,6 +42,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
+from ..errors import StageError
 from .manifest import ShardIntegrityError, load_manifest, verify_shards
 from .reader import ImageBatch, augment_pixels
 from .shards import IMAGE_EXTENSION
@@ -245,10 +251,17 @@ class StreamingImageLoader:
             batches = DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is)
         else:
             batches = iter(stream)
+        fresh, delivered = not self.consumed, 0
         for batch, progress, slot in batches:
             self.consumed.update(progress)
             self.next_worker = (slot + 1) % self.num_slots
+            delivered += 1
             yield batch
+        if fresh and not delivered:  # endless training would wait forever for a batch
+            raise StageError(f"rank {stream.rank} of {stream.world_size} got no {'full ' * stream.drop_last}batch of "
+                             f"{self.batch_size} in epoch {epoch}: the split has {len(stream.shards)} shard(s) for "
+                             f"{stream.world_size} rank(s) x {self.num_slots} worker slot(s); use fewer ranks or "
+                             f"workers, or smaller shards")
         self.epoch, self.consumed, self.next_worker = epoch + 1, {}, 0
 
 
