@@ -103,7 +103,7 @@ def test_index_lists_urls_without_copying(demo, pipe_index):
     assert [s["url"] for s in train["shards"]] == [f"pipe:cat {demo}/train/train-{i:06d}.tar" for i in range(4)]
     # The stream's hash is the file's: the same shards, named by URL.
     assert [s["sha256"] for s in train["shards"]] == [s["sha256"] for s in ours["splits"]["train"]["shards"]]
-    assert train["num_samples"] == 64 and manifest["webdataset"]["image_key"] == "png"
+    assert train["num_samples"] == 64 and manifest["webdataset_source"]["image_key"] == "png"
     assert not list(pipe_index.glob("train/*.tar"))
     with pytest.raises(ShardIntegrityError, match="wds_mode=reshard"):  # random access (precompute_codes, score)
         ShardedImageDataset(pipe_index, "train")
@@ -168,13 +168,14 @@ def _write_set(folder: Path, samples: list[dict]) -> str:
 
 
 def test_corrupt_samples_are_skipped_and_listed(tmp_path):
-    good = [{"__key__": f"s{i}", "png": _png(16, 20 * i), "cls": str(i % 3).encode()} for i in range(6)]
-    bad = [{"__key__": "truncated", "png": _png()[:40], "cls": b"1"},
-           {"__key__": "nolabel", "png": _png(), "cls": b"x"},
-           {"__key__": "outofrange", "png": _png(), "cls": b"7"},
+    # The image member has its own name ("img"): index mode serves it, reshard writes our "png".
+    good = [{"__key__": f"s{i}", "img": _png(16, 20 * i), "cls": str(i % 3).encode()} for i in range(6)]
+    bad = [{"__key__": "truncated", "img": _png()[:40], "cls": b"1"},
+           {"__key__": "nolabel", "img": _png(), "cls": b"x"},
+           {"__key__": "outofrange", "img": _png(), "cls": b"7"},
            {"__key__": "noimage", "jpg": b"...", "cls": b"1"}]
     pattern = _write_set(tmp_path / "set", good[:3] + bad + good[3:])
-    base = ["data.source=webdataset", f"data.wds_train={pattern}", "data.wds_image_key=png", "data.num_classes=3",
+    base = ["data.source=webdataset", f"data.wds_train={pattern}", "data.wds_image_key=img", "data.num_classes=3",
             "data.resolution=16", "data.max_reject_fraction=0.5"]
     for mode, fmt, reader in (("index", "webdataset", "stream"), ("reshard", "webdataset", "stream"),
                               ("reshard", "mds", "indexed")):

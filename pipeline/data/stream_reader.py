@@ -69,8 +69,9 @@ def split_shards(manifest: dict, root, split: str) -> list[StreamShard]:
 
 def sample_keys(manifest: dict) -> tuple[str, str]:
     """(image member, label member) of the manifest's shards."""
-    if "webdataset" in manifest:
-        return manifest["webdataset"]["image_key"], manifest["webdataset"]["label_key"]
+    source = manifest.get("webdataset_source", {})
+    if source.get("mode") == "index":  # the input shards themselves, with their own member names
+        return source["image_key"], source["label_key"]
     return IMAGE_EXTENSION[manifest["image_encoding"]], "cls"
 
 

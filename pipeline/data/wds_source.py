@@ -61,8 +61,8 @@ class WebDatasetSource:
 
     def annotate_manifest(self, manifest: dict, plan: list[Unit], sidecars: list[dict]) -> dict:
         """Index mode: the manifest lists the input shards by URL, with their own hashes and skips."""
-        manifest["webdataset"] = {"mode": self.mode, "image_key": self.image_key, "label_key": self.label_key}
-        if self.mode != "index":
+        manifest["webdataset_source"] = {"mode": self.mode, "image_key": self.image_key, "label_key": self.label_key}
+        if self.mode != "index":  # resharded: our own shards, with our members (png/jpg + cls)
             return manifest
         by_split = {}
         for unit, sidecar in zip(plan, sidecars):
