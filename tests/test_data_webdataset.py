@@ -22,6 +22,8 @@ from pipeline.data.reader import ShardedImageDataset, make_image_loader
 from pipeline.data.urls import FetchOptions, ShardFetchError, read_shard_samples
 from pipeline.stage import StageError, run_stage
 
+pytestmark = pytest.mark.e2e  # whole shard / train_tokenizer stages, torchrun
+
 TINY = ["data.num_workers=2", *TINY_TOKENIZER, "data.shard_max_count=16"]  # 64 train images: 4 shards of 16
 TRAIN = ["tokenizer_train.steps=6", "tokenizer_train.checkpoint_every=3", "tokenizer_train.eval_images=8"]
 
@@ -268,3 +270,19 @@ def test_tokenizer_from_pipe_and_https_equals_local_path_and_resumes_exactly(dem
     resumed = _train(run_dir, *overrides)
     assert "resumed from checkpoint at step 3" in (run_dir / "train_tokenizer/log.txt").read_text()
     assert all(torch.equal(resumed[k], results["local"][k]) for k in results["local"])
+
+
+def test_two_ranks_index_and_train_from_a_pipe_url(demo, tmp_path):
+    """Under torchrun: both ranks index input shards, then train on disjoint shards of the URL set."""
+    from conftest import tessera
+
+    train, val = patterns(demo, "pipe:cat ")
+    tessera("run", "configs/demo-rq.yaml", "--run-dir", str(tmp_path), "--stages", "shard,train_tokenizer", *TINY,
+            *index_overrides(train, val), "tokenizer_train.steps=4", "tokenizer_train.checkpoint_every=2",
+            "tokenizer_train.eval_images=8", nproc=2)
+    assert json.loads((tmp_path / "train_tokenizer/done.json").read_text())["counts"]["steps"] == 4
+    states = [torch.load(tmp_path / f"train_tokenizer/checkpoints/step_00000004/client_rank_{r:05d}.pt",
+                         weights_only=False)["loader"] for r in (0, 1)]
+    shards = [{int(k) for k in state["consumed"]} for state in states]
+    assert all(sum(s["consumed"].values()) == 16 for s in states)  # 4 steps x 4 images per rank
+    assert shards[0] and shards[1] and not shards[0] & shards[1]

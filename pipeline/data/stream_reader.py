@@ -258,8 +258,8 @@ class StreamingImageLoader:
             self.next_worker = (slot + 1) % self.num_slots
             delivered += 1
             yield batch
-        if fresh and not delivered:  # endless training would wait forever for a batch
-            raise StageError(f"rank {stream.rank} of {stream.world_size} got no {'full ' * stream.drop_last}batch of "
+        if fresh and not delivered and stream.drop_last:  # endless training (drop_last) would wait forever
+            raise StageError(f"rank {stream.rank} of {stream.world_size} got no full batch of "
                              f"{self.batch_size} in epoch {epoch}: the split has {len(stream.shards)} shard(s) for "
                              f"{stream.world_size} rank(s) x {self.num_slots} worker slot(s); use fewer ranks or "
                              f"workers, or smaller shards")
