@@ -84,8 +84,10 @@ def run_webdataset(ctx: StageContext, source) -> StageResult | None:
                     ctx.num_workers, len(work.mine))
     processes = data.shard_decode_processes or default_decode_processes()
     with ShardSetWriter(source, data.format, data.image_encoding, processes) as writer:
-        def write_one(unit, bar):
-            return publish_unit(ctx.stage_dir, unit, plan_id, lambda path: writer.write(unit, path, bar))
+        def write_one(unit, bar):  # the plan's units are input shards: the bar counts shards here
+            sidecar = publish_unit(ctx.stage_dir, unit, plan_id, lambda path: writer.write(unit, path))
+            bar.update(1)
+            return sidecar
 
         stats = work.run(write_one, ctx.logger, desc="shard", progress_position=ctx.env.local_rank)
     return _finish(ctx, source, work, stats)

@@ -136,7 +136,7 @@ class ShardSetWriter:
             self.pool = multiprocessing.get_context("fork").Pool(self.processes)
         return self.pool.imap(_process, tasks, chunksize=8)
 
-    def write(self, unit: Unit, path, bar=None) -> dict:
+    def write(self, unit: Unit, path) -> dict:
         source, url = self.source, self.source.url_of(unit)
         data = source.data
         options = (source.image_key, source.label_key, data.num_classes, data.resolution, source.mode, self.encoding)
@@ -154,8 +154,6 @@ class ShardSetWriter:
 
         def accepted():
             for i, result in enumerate(self._map(tasks())):
-                if bar is not None:
-                    bar.update(1)
                 if result[0] == "size":
                     raise StageError(f"data.wds_mode=index: sample {keys[i]} of {url} is {result[1]}x{result[2]}, "
                                      f"not {data.resolution}x{data.resolution}: index mode serves images as stored; "
