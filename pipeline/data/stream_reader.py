@@ -125,7 +125,8 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     # ----- samples of one shard --------------------------------------------------------------
     def shard_samples(self, src):
-        """(shard, position in its epoch order, sample) for every sample still to be read."""
+        """(shard, place in the shard's order this epoch, index among its usable samples as stored, sample)
+        for every sample still to be read."""
         for item in src:
             shard = self.shards[item["shard"]]
             done = self.consumed.get(shard.position, 0)
