@@ -23,7 +23,7 @@ from .sections import (DataConfig, LauncherConfig, PrecomputeConfig, PriorTrainC
 
 # Keys that change how a stage runs, never what it produces: excluded from every stage's hash,
 # so e.g. more DataLoader workers on a rerun is not "a different config".
-RUNTIME_KEYS = ("data.num_workers", "data.shard_decode_processes")
+RUNTIME_KEYS = ("data.num_workers", "data.shard_decode_processes", "data.fetch_retries", "data.ca_bundle")
 # ZeRO stages the tokenizer trains with under tokenizer_train.engine=deepspeed.
 TOKENIZER_ZERO_STAGES = (0, 1, 2)
 

@@ -12,15 +12,36 @@ from .configschema import ConfigError, option
 
 @dataclass
 class DataConfig:
-    source: str = option("synthetic", "where images come from: the embedded procedural dataset or an ImageFolder tree",
-                         choices=("synthetic", "imagefolder"))
+    source: str = option("synthetic", "where images come from: the embedded procedural dataset, an ImageFolder tree, "
+                         "or an existing webdataset shard set (wds_train / wds_val; README: Webdataset sources)",
+                         choices=("synthetic", "imagefolder", "webdataset"))
     synthetic_style: str = option("textures", "synthetic: 'shapes' (one large flat-coloured object, classes told "
                                   "apart by shape and colour: the CPU demos) or 'textures' (small objects, classes "
                                   "told apart by fine textures)", choices=("shapes", "textures"))
     root: str = option("", "ImageFolder root (one sub-folder per class, optional train/ and val/ sub-trees)")
+    wds_train: str = option("", "webdataset source: brace pattern of the train shards: a local path, a 'pipe:' "
+                            "command writing the tar to stdout, or an http(s) URL, e.g. "
+                            "'pipe:aws s3 cp s3://bucket/in-{000000..001281}.tar -'")
+    wds_val: str = option("", "webdataset source: brace pattern of the val shards (empty: no val split)")
+    wds_image_key: str = option("jpg", "webdataset source: member extension holding the image (e.g. jpg, png, webp)")
+    wds_label_key: str = option("cls", "webdataset source: member holding the integer label: an extension ('cls') or "
+                                "'json.FIELD' for a field of the sample's JSON member")
+    wds_mode: str = option("reshard", "webdataset source: 'reshard' decodes, resizes/crops and writes our own shards; "
+                           "'index' only lists the existing shards (count, sha256, corrupt samples) in the manifest, "
+                           "without copying: every image must already be resolution x resolution",
+                           choices=("reshard", "index"))
+    fetch_retries: int = option(3, "shard URLs: attempts after the first failed read of a shard, then the error names "
+                                "the URL", ge=0, le=100)
+    ca_bundle: str = option("", "https shard URLs: PEM file of the certificate authorities to trust (curl --cacert); "
+                            "empty: the system's (or curl's CURL_CA_BUNDLE variable). Verification is never off")
+    reader: str = option("indexed", "reader of the train/val shards: 'indexed' (random access to local shards, a "
+                         "global per-epoch permutation) or 'stream' (webdataset pipeline: shards split over ranks "
+                         "and workers, shard order and in-shard order seeded per epoch; the only one for 'index'ed "
+                         "URL shard sets, chosen by itself there)", choices=("indexed", "stream"))
     resolution: int = option(64, "side of the square images after resize + center crop (px)", ge=8, le=1024)
     num_classes: int = option(10, "number of classes (synthetic: renders this many; imagefolder: the class folders "
-                              "expected, a different count is warned about)", ge=1, le=100000)
+                              "expected, a different count is warned about; webdataset: labels must lie in "
+                              "[0, num_classes))", ge=1, le=100000)
     num_train: int = option(2000, "synthetic: images in the train split", ge=1)
     num_val: int = option(200, "synthetic: images in the val split", ge=0)
     val_fraction: float = option(0.02, "imagefolder without a val/ folder: seeded fraction held out for val", ge=0.0, le=0.5)
@@ -39,6 +60,9 @@ class DataConfig:
     def validate(self, path: str) -> None:
         if self.source == "imagefolder" and not self.root:
             raise ConfigError(f"{path}.root: required when {path}.source is 'imagefolder' (path to the ImageFolder tree).")
+        if self.source == "webdataset" and not self.wds_train:
+            raise ConfigError(f"{path}.wds_train: required when {path}.source is 'webdataset' (brace pattern of the "
+                              f"train shards, e.g. /data/in-{{000000..000099}}.tar).")
         if self.source == "synthetic" and not 16 <= self.resolution <= 256:
             raise ConfigError(f"{path}.resolution: the synthetic dataset renders 16..256 px, got {self.resolution}.")
 

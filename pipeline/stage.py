@@ -40,6 +40,7 @@ from .io import atomic_write_text, sha256_file
 from .lock import StageLock, is_lock_file
 from .logs import setup_logging
 from .rundir import STAGE_NAMES, RunDir
+from .data.urls import FetchOptions, set_fetch_options
 
 VERSIONED_PACKAGES = ("tessera", "torch", "deepspeed", "webdataset", "mosaicml-streaming", "torch-fidelity")
 
@@ -186,6 +187,8 @@ def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = Fals
         raise StageError(describe_os_error(err, f"creating the stage folder {stage_dir}")) from None
     logger = setup_logging(stage_dir / "log.txt")
     env = init_distributed()
+    # Every shard stream a stage opens (shard, train_tokenizer, ...) retries and trusts CAs as configured.
+    set_fetch_options(FetchOptions(retries=cfg.data.fetch_retries, ca_bundle=cfg.data.ca_bundle))
     ctx = StageContext(cfg=cfg, run_dir=run.root, stage_dir=stage_dir, env=env, num_tasks=num_tasks,
                        task_id=task_id, logger=logger, device=device_for(env))
     lock = StageLock(stage_dir, task_id=task_id, num_tasks=num_tasks, logger=logger)

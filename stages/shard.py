@@ -1,10 +1,13 @@
-"""Stage `shard`: images (ImageFolder tree or the embedded synthetic set) -> webdataset/MDS shards
-plus RUN_DIR/shard/manifest.json and rejected.jsonl.
+"""Stage `shard`: images (ImageFolder tree, the embedded synthetic set, or an existing webdataset
+shard set) -> webdataset/MDS shards plus RUN_DIR/shard/manifest.json and rejected.jsonl.
 
 1. Plan: the source's splits cut into shards of a size fixed by the config alone (`plan_shards`),
    so every shard's bytes are the same however the stage is launched.
 2. Work: worker w of W (array tasks x ranks) writes shards w, w+W, ... (pipeline.units), decoding
    and encoding images in a pool of forked processes; unreadable images are skipped and listed.
+   A webdataset source (pipeline/data/wds_source.py) is planned per input shard instead: unit j
+   is input shard j resharded to our shard j, or (data.wds_mode=index) a record of it, the
+   manifest then naming the input URLs.
 3. Finish: the task that finds every shard present checks the reject fraction and writes
    rejected.jsonl, then manifest.json last (under torchrun: rank 0 after a barrier).
 """
@@ -24,10 +27,10 @@ from pipeline.units import MANIFEST_NAME, UnitWork, items_and_rate, publish_unit
 NAME = "shard"
 SECTIONS = ("data",)
 # Reader-side augmentation and the reject threshold (checked once every shard exists) leave the shards as they are.
-IGNORED_KEYS = ("data.random_crop", "data.hflip", "data.max_reject_fraction")
+IGNORED_KEYS = ("data.random_crop", "data.hflip", "data.max_reject_fraction", "data.reader")
 # Config fields that change the shard bytes; the reader-only ones (hflip, num_workers...) do not.
 SHARD_FIELDS = ("source", "root", "resolution", "num_classes", "num_train", "num_val", "val_fraction", "format",
-                "image_encoding", "synthetic_style")
+                "image_encoding", "synthetic_style", "wds_train", "wds_val", "wds_image_key", "wds_label_key", "wds_mode")
 LOAD_CHUNK = 32  # images decoded/rendered per pool task (bounds memory, keeps numpy batched)
 
 
@@ -43,6 +46,8 @@ def verify_outputs(stage_dir) -> None:
 def run(ctx: StageContext) -> StageResult | None:
     data = ctx.cfg.data
     source = make_source(data, ctx.cfg.seed)
+    if source.kind == "webdataset":
+        return run_webdataset(ctx, source)
     per_shard = samples_per_shard(data.resolution, data.shard_max_count, data.shard_max_bytes)
     plan_id = sha256_json({"seed": ctx.cfg.seed, "per_shard": per_shard, "inputs": source.fingerprint(),
                            **{name: getattr(data, name) for name in SHARD_FIELDS}})
@@ -63,6 +68,32 @@ def run(ctx: StageContext) -> StageResult | None:
 
         stats = work.run(write_one, ctx.logger, desc="shard", progress_position=ctx.env.local_rank)
 
+    return _finish(ctx, source, work, stats)
+
+
+def run_webdataset(ctx: StageContext, source) -> StageResult | None:
+    """An existing webdataset shard set: one unit per input shard (resharded, or indexed)."""
+    from pipeline.data.wds_source import ShardSetWriter
+
+    data = ctx.cfg.data
+    plan_id = sha256_json({"seed": ctx.cfg.seed, "inputs": source.fingerprint(),
+                           **{name: getattr(data, name) for name in SHARD_FIELDS}})
+    work = UnitWork(ctx.stage_dir, source.plan(data.format), plan_id, worker=ctx.worker, num_workers=ctx.num_workers)
+    ctx.logger.info("shard plan (webdataset source, %s): %d input shard(s) %s; worker %d of %d takes %d",
+                    data.wds_mode, len(work.plan), {k: len(v) for k, v in source.urls.items()}, ctx.worker,
+                    ctx.num_workers, len(work.mine))
+    processes = data.shard_decode_processes or default_decode_processes()
+    with ShardSetWriter(source, data.format, data.image_encoding, processes) as writer:
+        def write_one(unit, bar):  # the plan's units are input shards: the bar counts shards here
+            sidecar = publish_unit(ctx.stage_dir, unit, plan_id, lambda path: writer.write(unit, path))
+            bar.update(1)
+            return sidecar
+
+        stats = work.run(write_one, ctx.logger, desc="shard", progress_position=ctx.env.local_rank)
+    return _finish(ctx, source, work, stats)
+
+
+def _finish(ctx: StageContext, source, work: UnitWork, stats: dict) -> StageResult | None:
     finished = work.finish(stats, lambda sidecars: finalize(ctx, source, work, sidecars), is_main=ctx.env.is_main)
     if finished is None:
         ctx.logger.info("shard: other tasks' shards are still missing; the last task to finish writes the manifest")
@@ -82,9 +113,18 @@ def finalize(ctx: StageContext, source, work: UnitWork, sidecars: list[dict]) ->
     """
     data = ctx.cfg.data
     rejected = manifest_lib.rejected_lines(work.plan, sidecars)
+    if source.kind == "webdataset":
+        from pipeline.data.wds_source import split_inputs
+
+        inputs = split_inputs(work.plan, sidecars)
+    else:
+        inputs = source.split_sizes
     manifest = manifest_lib.build_manifest(
         work.plan, sidecars, source_kind=source.kind, class_names=source.class_names, resolution=data.resolution,
-        fmt=data.format, encoding=data.image_encoding, split_inputs=source.split_sizes, plan_id=work.plan_id)
+        fmt="webdataset" if source.kind == "webdataset" and data.wds_mode == "index" else data.format,
+        encoding=data.image_encoding, split_inputs=inputs, plan_id=work.plan_id)
+    if source.kind == "webdataset":
+        manifest = source.annotate_manifest(manifest, work.plan, sidecars)
     totals = manifest["totals"]
     fraction = totals["rejected"] / max(totals["inputs"], 1)
     rejected_path = ctx.stage_dir / manifest_lib.REJECTED_NAME

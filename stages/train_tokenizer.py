@@ -54,7 +54,7 @@ def input_fingerprints(ctx) -> dict:
 def run(ctx) -> StageResult:
     cfg = ctx.cfg
     loaders = LoaderFactory(manifest=_manifest(ctx), env=ctx.env, seed=cfg.seed, num_workers=cfg.data.num_workers,
-                            random_crop=cfg.data.random_crop, hflip=cfg.data.hflip)
+                            random_crop=cfg.data.random_crop, hflip=cfg.data.hflip, reader=cfg.data.reader)
     writer = tensorboard_writer(ctx.run_dir, NAME)
     # The guard is up before the (slow) model build, so an early SLURM signal is not fatal.
     try:

@@ -44,3 +44,15 @@ def test_prior_training_step_benchmark_runs_the_gpu_suite_code_path_on_cpu(tmp_p
     (row,) = json.loads(out.read_text())["rows"]
     assert row["tokens_per_s"] > 0 and row["zero_stage"] == 2 and row["grad_checkpointing"] is True
     assert abs(row["loss"] - 4.16) < 0.5  # ln 64 at initialisation
+
+
+def test_data_throughput_quick(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/data_throughput.py"), "--num-64", "48",
+                           "--num-256", "8", "--workers", "0,1", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "data_throughput.json").read_text())["rows"]
+    assert len(rows) == 2 * 5 * 2  # resolutions x readers x worker counts
+    # Every reader delivered the whole split (timings are not asserted).
+    assert all(r["images"] == (48 if r["resolution"] == 64 else 8) and r["images_per_s"] > 0 for r in rows)
+    assert "| 64 | stream reader, pipe:cat URL | 1 |" in proc.stdout

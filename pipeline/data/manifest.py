@@ -101,6 +101,8 @@ def verify_shards(manifest: dict | str | os.PathLike, root: str | os.PathLike | 
         if splits is not None and split not in splits:
             continue
         for shard in info["shards"]:
+            if "url" in shard:
+                continue  # an indexed shard set, not ours: its stream's sha256 is checked as it is read
             unit = root / shard["name"]
             if not unit.exists():
                 raise ShardIntegrityError(f"shard {shard['name']} listed in the manifest is missing from {root}")
@@ -124,7 +126,7 @@ def remember_verified(root: Path, manifest: dict) -> None:
     """Seed the verification cache with shards whose writers just hashed them, so the first
     loader open only stats files; a later change to any shard changes its stamp and is hashed."""
     cache = {shard["name"]: [*_stamp(root / shard["name"]), shard["sha256"]]
-             for info in manifest["splits"].values() for shard in info["shards"]}
+             for info in manifest["splits"].values() for shard in info["shards"] if "url" not in shard}
     atomic_write_json(root / _VERIFY_CACHE_NAME, cache)
 
 

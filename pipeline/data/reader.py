@@ -35,7 +35,11 @@ class ImageBatch(NamedTuple):
 
 
 class _TarUnit:
-    """One tar shard read by member offsets (built once per process from the tar headers)."""
+    """One tar shard read by member offsets (built once per process from the tar headers).
+
+    Hand-written because webdataset (1.0.2 as installed) only streams a tar from its start: the
+    indexed reader's global per-sample permutation needs random access to any sample. Streaming
+    through webdataset is data.reader=stream (pipeline/data/stream_reader.py)."""
 
     def __init__(self, path: Path, image_ext: str):
         self.path, self.image_ext = path, image_ext
@@ -108,6 +112,11 @@ class ShardedImageDataset(Dataset):
         manifest, root = load_manifest(manifest_path)
         if split not in manifest["splits"]:
             raise ShardIntegrityError(f"split {split!r} is not in {root}/manifest.json (has {sorted(manifest['splits'])})")
+        if any("url" in s for s in manifest["splits"][split]["shards"]):
+            raise ShardIntegrityError(
+                f"{root}/manifest.json indexes webdataset shards by URL (data.wds_mode=index), which can only be "
+                f"streamed (data.reader=stream, used by train_tokenizer); stages that need random access "
+                f"(precompute_codes, score) need data.wds_mode=reshard")
         if verify:
             verify_shards(manifest, root, splits=(split,))
         self.manifest, self.root, self.split = manifest, root, split
@@ -146,16 +155,22 @@ class ShardedImageDataset(Dataset):
         return tensor, label, key
 
     def _augment(self, pixels: np.ndarray, index: int, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch, index, 0xA06])
-        if self.random_crop:
-            # Reflect-pad by 1/8 of the side, then crop back at a random offset (a small translation).
-            pad = max(1, self.resolution // 8)
-            padded = np.pad(pixels, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
-            top, left = rng.integers(0, 2 * pad + 1, size=2)
-            pixels = padded[top:top + self.resolution, left:left + self.resolution]
-        if self.hflip and rng.random() < 0.5:
-            pixels = pixels[:, ::-1]
-        return pixels
+        return augment_pixels(pixels, self.resolution, self.seed, epoch, index, self.random_crop, self.hflip)
+
+
+def augment_pixels(pixels: np.ndarray, resolution: int, seed: int, epoch: int, index: int, random_crop: bool,
+                   hflip: bool) -> np.ndarray:
+    """Random crop / flip of sample `index` in `epoch`, seeded by (seed, epoch, index) alone."""
+    rng = np.random.default_rng([seed, epoch, index, 0xA06])
+    if random_crop:
+        # Reflect-pad by 1/8 of the side, then crop back at a random offset (a small translation).
+        pad = max(1, resolution // 8)
+        padded = np.pad(pixels, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+        top, left = rng.integers(0, 2 * pad + 1, size=2)
+        pixels = padded[top:top + resolution, left:left + resolution]
+    if hflip and rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    return pixels
 
 
 class EpochOrder:
@@ -223,8 +238,20 @@ def _collate(samples) -> ImageBatch:
 def make_image_loader(manifest_or_shard_dir: str | os.PathLike, split: str, batch_size: int, *, rank: int = 0,
                       world_size: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
                       num_workers: int = 0, random_crop: bool = False, hflip: bool = False,
-                      epoch: int = 0) -> ResumableImageLoader:
-    """A resumable loader over one split of a shard manifest (webdataset or MDS), verified on open."""
+                      epoch: int = 0, reader: str = "indexed"):
+    """A resumable loader over one split of a shard manifest (webdataset or MDS), verified on open.
+
+    reader="indexed": random access, a global permutation per epoch (this module); "stream": the
+    webdataset pipeline of pipeline.data.stream_reader, which is also used whatever `reader` says
+    for a manifest that indexes shards by URL (they cannot be read at random)."""
+    manifest, _ = load_manifest(manifest_or_shard_dir)
+    by_url = any("url" in s for info in manifest["splits"].values() for s in info["shards"])
+    if reader == "stream" or by_url:
+        from .stream_reader import make_stream_loader
+
+        return make_stream_loader(manifest_or_shard_dir, split, batch_size, rank=rank, world_size=world_size, seed=seed,
+                                  shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
+                                  random_crop=random_crop, hflip=hflip, epoch=epoch)
     dataset = ShardedImageDataset(manifest_or_shard_dir, split, seed=seed, random_crop=random_crop, hflip=hflip)
     order = EpochOrder(len(dataset), rank=rank, world_size=world_size, seed=seed, shuffle=shuffle,
                        drop_last=drop_last, batch_size=batch_size)

@@ -7,7 +7,6 @@ Publishing a shard resumably (sidecar last, verified on rerun) is pipeline.units
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import shutil
@@ -77,20 +76,18 @@ def _sample_metadata(img: LoadedImage) -> bytes:
 
 
 def _write_tar(path: Path, encoded: Iterable[tuple[LoadedImage, bytes]], image_ext: str) -> int:
-    """A tar with fixed headers (mtime 0, uid/gid 0, no user names) and sorted members per key,
-    so the same samples always give the same bytes; readable by webdataset."""
+    """A tar written by webdataset's TarWriter with fixed headers (mtime 0, uid/gid 0, no user or
+    group names, mode 0444, USTAR) and members sorted per key, so the same samples always give the
+    same bytes."""
+    from webdataset import TarWriter
+
     count = 0
-    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_path(path) as tmp, open(tmp, "wb") as stream, \
+            TarWriter(stream, user="", group="", mode=0o444, mtime=0, encoder=False, format="USTAR_FORMAT") as tar:
         for img, image_bytes in encoded:
             count += 1
-            members = {"cls": str(img.label).encode("ascii"), "json": _sample_metadata(img), image_ext: image_bytes}
-            for ext in sorted(members):
-                data = members[ext]
-                info = tarfile.TarInfo(f"{img.key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o444
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(data))
+            tar.write({"__key__": img.key, "cls": str(img.label).encode("ascii"), "json": _sample_metadata(img),
+                       image_ext: image_bytes})
     return count
 
 

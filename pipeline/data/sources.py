@@ -1,4 +1,5 @@
-"""Where images come from: an ImageFolder tree or the embedded synthetic dataset.
+"""Where images come from: an ImageFolder tree or the embedded synthetic dataset (an existing
+webdataset shard set: pipeline/data/wds_source.py, shard by shard).
 
 Both sources expose the same small interface used by the shard writer:
 
@@ -38,11 +39,12 @@ class LoadedImage:
     origin: str                   # relative path under the ImageFolder root, or "synthetic/<split>/<index>"
     pixels: np.ndarray | None     # (R, R, 3) uint8, None when rejected
     reason: str = ""              # why it was rejected
+    name: str = ""                # the sample key when not derived from the position (webdataset source)
 
     @property
     def key(self) -> str:
         # webdataset splits keys at the first dot, so keys carry none.
-        return f"{self.split}_{self.position:08d}"
+        return self.name or f"{self.split}_{self.position:08d}"
 
 
 def center_crop_resize(image: Image.Image, resolution: int) -> np.ndarray:
@@ -179,6 +181,10 @@ def _seeded_split(files: list, seed: int, val_fraction: float) -> dict[str, list
 
 def make_source(data_cfg, seed: int):
     """The source named by a DataConfig."""
+    if data_cfg.source == "webdataset":
+        from .wds_source import WebDatasetSource
+
+        return WebDatasetSource(data_cfg)
     if data_cfg.source == "synthetic":
         return SyntheticSource(seed, data_cfg.resolution, data_cfg.num_classes, data_cfg.num_train, data_cfg.num_val,
                                data_cfg.synthetic_style)

@@ -46,27 +46,29 @@ class LoaderFactory:
     num_workers: int
     random_crop: bool
     hflip: bool
+    reader: str = "indexed"   # data.reader; a manifest of shard URLs is always streamed
 
     def train(self, batch_size: int):
         from ..data.reader import make_image_loader
 
         return make_image_loader(self.manifest, "train", batch_size, rank=self.env.rank,
                                  world_size=self.env.world_size, seed=self.seed, shuffle=True, drop_last=True,
-                                 num_workers=self.num_workers, random_crop=self.random_crop, hflip=self.hflip)
+                                 num_workers=self.num_workers, random_crop=self.random_crop, hflip=self.hflip,
+                                 reader=self.reader)
 
     def calibration(self, batch_size: int):
         """The first train images in stored order, identical on every rank (same threshold everywhere)."""
         from ..data.reader import make_image_loader
 
         return make_image_loader(self.manifest, "train", batch_size, rank=0, world_size=1, seed=self.seed,
-                                 shuffle=False, num_workers=self.num_workers)
+                                 shuffle=False, num_workers=self.num_workers, reader=self.reader)
 
     def val(self, batch_size: int):
         from ..data.reader import make_image_loader
 
         return make_image_loader(self.manifest, "val", batch_size, rank=self.env.rank,
                                  world_size=self.env.world_size, seed=self.seed, shuffle=False, drop_last=False,
-                                 num_workers=self.num_workers)
+                                 num_workers=self.num_workers, reader=self.reader)
 
 
 def per_rank_batch(global_batch: int, world_size: int, grad_accum: int) -> int:
