@@ -21,9 +21,10 @@ from .sections import (DataConfig, LauncherConfig, PrecomputeConfig, PriorTrainC
                        TokenizerTrainConfig)
 
 
-# Keys that change how a stage runs, never what it produces: excluded from every stage's hash,
-# so e.g. more DataLoader workers on a rerun is not "a different config".
-RUNTIME_KEYS = ("data.num_workers", "data.shard_decode_processes", "data.fetch_retries", "data.ca_bundle")
+# Keys that change how a stage runs (or what it measures once at the end), never what it produces:
+# excluded from every stage's hash, so e.g. more DataLoader workers on a rerun is not "a different config".
+RUNTIME_KEYS = ("data.num_workers", "data.shard_decode_processes", "data.fetch_retries", "data.ca_bundle",
+                "tokenizer_train.rfid_images")
 # ZeRO stages the tokenizer trains with under tokenizer_train.engine=deepspeed.
 TOKENIZER_ZERO_STAGES = (0, 1, 2)
 
@@ -72,17 +73,29 @@ class Config:
         return sha256_json(self.stage_view(sections, ignore))
 
 
-def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts, as 'key: old -> new'."""
+def changed_keys(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts, as 'key: old -> new'.
+
+    With `defaults` (the same nesting), a key absent from `old` whose new value is its default is
+    not a change: it was added to the config after `old` was recorded, and its default keeps the
+    behaviour that existed then (new keys must be introduced that way)."""
     changes = []
+    defaults = defaults if isinstance(defaults, dict) else None
     for key in sorted(set(old) | set(new)):
         path = f"{prefix}{key}"
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
-            changes.extend(changed_keys(a, b, path + "."))
+            changes.extend(changed_keys(a, b, path + ".", defaults.get(key) if defaults else None))
+        elif a == "<absent>" and defaults is not None and key in defaults and defaults[key] == b:
+            continue
         elif a != b:
             changes.append(f"{path}: {a!r} -> {b!r}")
     return changes
+
+
+def default_config_dict() -> dict:
+    """Every key at its default, nested like Config.to_dict()."""
+    return Config().to_dict()
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, changed_keys
+from .config import Config, changed_keys, default_config_dict
 from .errors import StageError, describe_os_error
 from .dist import DistEnv, barrier, broadcast_object, device_for, init_distributed
 from .io import atomic_write_text, sha256_file
@@ -124,7 +124,10 @@ def _changed_parts(old: dict, new: dict) -> list[str]:
     parts = []
     if old.get("config_hash") != new["config_hash"]:
         if "config" in old:
-            parts.append("config (" + "; ".join(changed_keys(old["config"], new["config"])) + ")")
+            # Keys added to the config since the stage was recorded, left at their defaults, are not changes.
+            changes = changed_keys(old["config"], new["config"], defaults=default_config_dict())
+            if changes:
+                parts.append("config (" + "; ".join(changes) + ")")
         else:  # recorded by an older tessera, which kept only the hash
             parts.append("config sections " + ", ".join(new["sections"]))
     if old.get("inputs") != new["inputs"]:

@@ -22,9 +22,7 @@ NAME = "train_tokenizer"
 SECTIONS = ("data", "tokenizer", "tokenizer_train")
 INPUT_STAGES = ("shard",)
 # How often it logs and checkpoints, and how many it keeps: resume is exact, so the weights are the same.
-# rfid_images only adds a final measurement (and runs made before it existed keep their hash).
-IGNORED_KEYS = ("tokenizer_train.log_every", "tokenizer_train.checkpoint_every", "tokenizer_train.keep_checkpoints",
-                "tokenizer_train.rfid_images")
+IGNORED_KEYS = ("tokenizer_train.log_every", "tokenizer_train.checkpoint_every", "tokenizer_train.keep_checkpoints")
 
 
 def check_config(cfg) -> None:

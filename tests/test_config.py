@@ -120,3 +120,15 @@ def test_readme_configuration_reference_is_generated_from_the_typed_config(repo_
     for line in config_keys():
         key = line.split(" ", 1)[0]
         assert f"| `{key}` |" in block, key
+
+
+def test_a_key_added_since_a_stage_was_recorded_is_no_change_at_its_default():
+    from pipeline.config import changed_keys, default_config_dict
+
+    new = {"seed": 0, "data": {"resolution": 32, "format": "webdataset", "hflip": False}}
+    old = {"seed": 0, "data": {"resolution": 32, "format": "webdataset"}}  # recorded before `hflip` existed
+    assert changed_keys(old, new, defaults=default_config_dict()) == []
+    # Set to anything but its default, the new key is a change; and without defaults, always.
+    assert changed_keys(old, {**new, "data": {**new["data"], "hflip": True}}, defaults=default_config_dict()) == [
+        "data.hflip: '<absent>' -> True"]
+    assert changed_keys(old, new) == ["data.hflip: '<absent>' -> False"]
