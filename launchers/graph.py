@@ -73,11 +73,12 @@ class JobSpec:
 
     def sbatch_options(self) -> list[str]:
         """The same request as sbatch command-line options (launchers/slurm/*.sbatch), one per item."""
+        # Every value is given, 0 GPUs and 1-task arrays included: these override the #SBATCH
+        # defaults written in the stage scripts.
         opts = [f"--job-name={self.job_name}", f"--nodes={self.nodes}", f"--ntasks-per-node={self.tasks_per_node}",
-                f"--cpus-per-task={self.cpus_per_task}", f"--mem={self.mem_gb}G", f"--time={self.time_min}"]
-        if self.gpus_per_node:
-            opts.append(f"--gpus-per-node={self.gpus_per_node}")
-        if self.array_tasks > 1:
+                f"--cpus-per-task={self.cpus_per_task}", f"--mem={self.mem_gb}G", f"--time={self.time_min}",
+                f"--gpus-per-node={self.gpus_per_node}"]
+        if self.stage in DATA_PARALLEL_STAGES:
             limit = f"%{self.array_parallelism}" if self.array_parallelism else ""
             opts.append(f"--array=0-{self.array_tasks - 1}{limit}")
         for key in ("partition", "account", "qos", "constraint"):

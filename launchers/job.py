@@ -95,7 +95,7 @@ class StageJob(submitit.helpers.Checkpointable):
             job_env = submitit.JobEnvironment()
             if job_env.num_tasks > 1:
                 env.update(RANK=str(job_env.global_rank), WORLD_SIZE=str(job_env.num_tasks),
-                           LOCAL_RANK=str(job_env.local_rank), MASTER_ADDR="127.0.0.1",
+                           LOCAL_RANK=str(job_env.local_rank), LOCAL_WORLD_SIZE=str(job_env.num_tasks), MASTER_ADDR="127.0.0.1",
                            MASTER_PORT=str(self.local_port or 29500))
         return env
 
@@ -113,6 +113,8 @@ class StageJob(submitit.helpers.Checkpointable):
         if rc == 0:
             return 0
         if rc == PREEMPTED_EXIT_CODE and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            if job_env.global_rank != 0:
+                return rc  # rank 0 (or submitit's handler there) requeues the job; only its result counts
             self._requeue_self(job_env, "the stage was signalled (TERM/USR1) and saved a checkpoint")
         raise RuntimeError(f"stage {self.stage} (task {task_id}) exited with code {rc}; see "
                            f"{Path(self.run_dir) / self.stage / 'log.txt'}")
@@ -156,8 +158,8 @@ class StageJob(submitit.helpers.Checkpointable):
     def _requeue_self(self, job_env, reason: str) -> None:
         """The stage saved and stopped without submitit's signal: requeue from here (rank 0), bounded."""
         count = restart_count()
-        if job_env.global_rank != 0 or self._requeue_requested:
-            time.sleep(REQUEUE_KILL_WAIT_S)  # rank 0 (or submitit's handler) requeues; SLURM kills us
+        if self._requeue_requested:
+            time.sleep(REQUEUE_KILL_WAIT_S)  # submitit's handler is requeueing; SLURM kills us
             return
         state = _slurm_job_state(job_env.job_id)
         if count >= self.max_requeues or state not in ("RUNNING", "COMPLETING", ""):

@@ -18,7 +18,7 @@ from pipeline.config import load_config
 from pipeline.configschema import ConfigError
 from pipeline.stage import available_stages, preflight
 
-from .graph import JobSpec, build_graph, select_stages
+from .graph import DATA_PARALLEL_STAGES, JobSpec, build_graph, select_stages
 from .jobs import record_submission, slurm_dir, update_last_submission
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ SCRIPTS = REPO / "launchers" / "slurm"
 
 def sbatch_command(spec: JobSpec, config: str, run_dir: Path, overrides: list[str], job_ids: dict,
                    signal_delay_s: int) -> list[str]:
-    pattern = "%x-%A_%a.out" if spec.array_tasks > 1 else "%x-%j.out"
+    pattern = "%x-%A_%a.out" if spec.stage in DATA_PARALLEL_STAGES else "%x-%j.out"
     cmd = ["sbatch", "--parsable", *spec.sbatch_options(), f"--signal=B:USR1@{signal_delay_s}", "--requeue",
            "--open-mode=append", f"--output={slurm_dir(run_dir) / spec.stage / pattern}"]
     deps = [job_ids[d] for d in spec.depends_on if d in job_ids]

@@ -142,7 +142,7 @@ def _run_local(specs, cfg, config_path: str, run_dir: Path, overrides: list[str]
     record_submission(run_dir, "local", {spec.stage: {"array_tasks": spec.array_tasks} for spec in specs},
                       config=config_path, overrides=list(overrides), repo=str(REPO))
     for spec in specs:
-        ex = submitit.LocalExecutor(folder=slurm_dir(run_dir) / "local" / spec.stage / "%j")
+        ex = submitit.LocalExecutor(folder=slurm_dir(run_dir) / "local" / spec.stage)
         ex.update_parameters(timeout_min=spec.time_min, tasks_per_node=spec.ranks, nodes=1)
         job = _stage_job(spec, config_path, run_dir, overrides, cfg.launcher.max_requeues,
                          local_port=_free_port() if spec.ranks > 1 else None)
