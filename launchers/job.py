@@ -140,7 +140,10 @@ class StageJob(submitit.helpers.Checkpointable):
                 pass
         rc = self._wait_child(CHILD_CHECKPOINT_WAIT_S)
         if rc == 0:
-            print(f"[tessera] {self.stage}: finished before the signal took effect; nothing to requeue", flush=True)
+            # Requeueing anyway is harmless (the rerun finds the stage done and skips it), whereas
+            # refusing would make submitit record this finished job as failed.
+            print(f"[tessera] {self.stage}: finished before the signal took effect; the requeued job will skip it",
+                  flush=True)
         count = restart_count()
         job_id = os.environ.get("SLURM_JOB_ID", "")
         if count >= self.max_requeues:
