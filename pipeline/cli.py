@@ -2,7 +2,9 @@
 
     tessera run CONFIG [--run-dir DIR] [--stages a,b] [--force] [key=value ...]
     tessera stage NAME CONFIG [--run-dir DIR] [--num-tasks N --task-id I] [--force] [key=value ...]
+    tessera submit CONFIG [--run-dir DIR] [--stages a,b] [--dry-run] [--executor slurm|local] [key=value ...]
     tessera status RUN_DIR
+    tessera cancel RUN_DIR
     tessera verify RUN_DIR
     tessera config [CONFIG] [key=value ...] [--keys]
     tessera estimate CONFIG [--world-size N] [--gpu-memory-gb G] [key=value ...]
@@ -44,8 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
     p_stage.add_argument("--num-tasks", type=int, default=None, help="array tasks sharing this stage (SLURM arrays)")
     p_stage.add_argument("--task-id", type=int, default=None, help="this task's index in [0, num-tasks)")
 
-    p_status = sub.add_parser("status", help="table of stages: state, counts, wall time, key metrics")
+    p_submit = sub.add_parser("submit", help="submit every unfinished stage as a SLURM job (submitit), chained "
+                              "with afterok dependencies; README: Running on a SLURM cluster", epilog=EPILOG)
+    p_submit.add_argument("config", help="YAML preset, e.g. configs/imagenet256-rq.yaml")
+    p_submit.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p_submit.add_argument("--run-dir", default=None, help="run directory on a shared file system "
+                          "(default: runs/<config name>)")
+    p_submit.add_argument("--stages", default=None, help="comma-separated subset of stages (default: all)")
+    p_submit.add_argument("--dry-run", action="store_true", help="print the dependency graph and the sbatch "
+                          "scripts; submit nothing")
+    p_submit.add_argument("--executor", default="slurm", choices=("slurm", "local"),
+                          help="slurm (default), or local: the same jobs as processes on this machine, in order")
+
+    p_status = sub.add_parser("status", help="table of stages: state, counts, wall time, key metrics, SLURM jobs")
     p_status.add_argument("run_dir", help="run directory")
+
+    p_cancel = sub.add_parser("cancel", help="scancel the run's SLURM jobs that are pending or running")
+    p_cancel.add_argument("run_dir", help="run directory")
 
     p_verify = sub.add_parser("verify", help="check every finished stage's outputs against its done.json and "
                               "manifests (exit 1 when any differs)")
@@ -165,7 +182,31 @@ def cmd_status(args) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory not found: {run_dir}")
-    print(format_status(run_dir))
+    from launchers.jobs import stage_job_column
+
+    print(format_status(run_dir, jobs=stage_job_column(run_dir)))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from launchers.submit import submit
+
+    return submit(args.config, args.overrides, args.run_dir, args.stages, executor=args.executor,
+                  dry_run=args.dry_run)
+
+
+def cmd_cancel(args) -> int:
+    from launchers.jobs import cancel, latest_jobs
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory not found: {run_dir}")
+    if not latest_jobs(run_dir):
+        print(f"[tessera] no SLURM jobs recorded in {run_dir}")
+        return 0
+    cancelled = cancel(run_dir)
+    print(f"[tessera] cancelled job(s) {' '.join(cancelled)}" if cancelled else "[tessera] no job of this run is "
+          "pending or running")
     return 0
 
 
@@ -265,7 +306,7 @@ def cmd_score(args) -> int:
 
 
 COMMANDS = {"estimate": cmd_estimate, "score": cmd_score, "run": cmd_run, "stage": cmd_stage, "status": cmd_status, "verify": cmd_verify, "config": cmd_config,
-            "import": cmd_import}
+            "import": cmd_import, "submit": cmd_submit, "cancel": cmd_cancel}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -59,15 +59,37 @@ def _slurm_master_addr(env) -> str:
         return nodelist.split(",")[0]
 
 
+def _tasks_on_this_node(env) -> int:
+    """Ranks on this node under srun: SLURM_STEP_TASKS_PER_NODE is "8", "8(x2)" or "8,7" (one
+    entry per node, in SLURM_NODEID order, a count "(xN)" repeating an entry N times)."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+    counts = []
+    for part in spec.split(","):
+        number, _, repeat = part.partition("(x")
+        if number.strip().isdigit():
+            counts += [int(number)] * (int(repeat.rstrip(")")) if repeat else 1)
+    node = int(env.get("SLURM_NODEID", "0") or 0)
+    return counts[node] if node < len(counts) else int(env.get("SLURM_NTASKS", "1"))
+
+
+def slurm_torch_env(env) -> dict:
+    """torchrun's variables for an srun task: what torch.distributed and DeepSpeed read, and
+    LOCAL_WORLD_SIZE / NODE_RANK, which mosaicml-streaming uses to tell the ranks of one node apart
+    (without it every rank believes it is alone on its node and they collide in shared memory)."""
+    dist_env = detect_env(env)
+    return {"RANK": str(dist_env.rank), "WORLD_SIZE": str(dist_env.world_size), "LOCAL_RANK": str(dist_env.local_rank),
+            "LOCAL_WORLD_SIZE": str(_tasks_on_this_node(env)), "NODE_RANK": env.get("SLURM_NODEID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or _slurm_master_addr(env),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(29500 + int(env.get("SLURM_JOB_ID", "0") or 0) % 1000)}
+
+
 def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     """Create the default process group when there is more than one rank (idempotent)."""
     env = detect_env()
     if not env.is_distributed or torch_dist.is_initialized():
         return env
     if "RANK" not in os.environ:  # launched by srun: export what torch.distributed expects
-        os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
-        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr(os.environ))
-        os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+        os.environ.update(slurm_torch_env(os.environ))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)

@@ -20,9 +20,9 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .errors import StageError
+from .progress import progress
 
 FEATURES = ("2048", "logits_unbiased")
 UNCALIBRATED = "uncalibrated"
@@ -117,7 +117,7 @@ def inception_features(extractor, blocks: Iterable[np.ndarray | torch.Tensor], *
     as float32 on the CPU."""
     device = next(extractor.parameters()).device
     out: dict[str, list[torch.Tensor]] = {name: [] for name in FEATURES}
-    with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, disable=None) as bar:
+    with progress(total, desc=desc, unit="img") as bar:
         for block in blocks:
             x = torch.from_numpy(np.array(block)).permute(0, 3, 1, 2).contiguous().to(device)  # a writable copy
             for name, value in zip(FEATURES, extractor(x)):

@@ -179,22 +179,54 @@ class ScoreConfig:
                                           "samples vs real val images")
 
 
+def _check_sbatch_flags(flags: list[str], path: str) -> None:
+    for flag in flags:
+        name = flag.split("=", 1)[0]
+        if not (name.startswith("--") and len(name) > 2 and all(c.isalnum() or c == "-" for c in name[2:])):
+            raise ConfigError(f"{path}: {flag!r} is not a long sbatch option; write it as '--name=value' or "
+                              f"'--name' (e.g. '--reservation=big', '--gres=gpu:a100:8')")
+
+
 @dataclass
 class Resources:
-    nodes: int = option(1, "SLURM nodes", ge=1)
+    """What one stage's SLURM job asks for (`tessera submit`, launchers/). Empty strings fall back
+    to the launcher-wide value of the same name."""
+    nodes: int = option(1, "SLURM nodes (training stages: one rank per GPU on every node, started by srun)", ge=1)
     gpus_per_node: int = option(0, "GPUs (= ranks) per node; 0 runs CPU ranks", ge=0, le=16)
     tasks_per_node: int = option(1, "ranks per node when gpus_per_node is 0", ge=1)
     cpus_per_task: int = option(2, "CPU cores per rank", ge=1)
     mem_gb: int = option(16, "memory per node (GB)", ge=1)
     time_min: int = option(60, "wall-time limit (minutes)", ge=1)
-    array_tasks: int = option(1, "SLURM array size (shard / precompute_codes only)", ge=1)
+    array_tasks: int = option(1, "SLURM array size (data-parallel stages shard / precompute_codes / sample only)",
+                              ge=1)
+    array_parallelism: int = option(0, "at most this many array tasks run at once (0: no limit)", ge=0)
+    partition: str = option("", "SLURM partition of this stage (empty: launcher.partition)")
+    qos: str = option("", "SLURM quality of service of this stage (empty: launcher.qos)")
+    constraint: str = option("", "SLURM node constraint of this stage, e.g. 'h100' (empty: launcher.constraint)")
+    exclusive: bool = option(False, "whole nodes for this stage (--exclusive; also when launcher.exclusive)")
+    sbatch_flags: list[str] = option([], "extra sbatch options of this stage, added after launcher.sbatch_flags, "
+                                     "e.g. ['--gres=gpu:a100:8']")
+
+    def validate(self, path: str) -> None:
+        _check_sbatch_flags(self.sbatch_flags, f"{path}.sbatch_flags")
 
 
 @dataclass
 class LauncherConfig:
     partition: str = option("", "SLURM partition (empty: cluster default)")
     account: str = option("", "SLURM account (empty: none)")
-    signal_delay_s: int = option(120, "seconds before the time limit at which the job is signalled to checkpoint", ge=0)
+    qos: str = option("", "SLURM quality of service (empty: none)")
+    constraint: str = option("", "SLURM node constraint, e.g. 'a100|h100' (empty: none)")
+    exclusive: bool = option(False, "every stage gets whole nodes (--exclusive)")
+    sbatch_flags: list[str] = option([], "extra sbatch options for every stage, e.g. ['--reservation=big', "
+                                     "'--mail-type=FAIL']")
+    setup: list[str] = option([], "shell lines run in each job before the stage (module load ..., conda activate "
+                              "...): trusted code from your config, pasted as written")
+    signal_delay_s: int = option(120, "seconds before the time limit at which the job is signalled to checkpoint "
+                                 "and requeue (--signal=USR2@N for tessera submit, B:USR1@N for the sbatch scripts)",
+                                 ge=0)
+    max_requeues: int = option(5, "a stage's job requeues itself at most this many times (preemption or time "
+                               "limit); then it fails", ge=0)
     shard: Resources = option(Resources(), "resources of the shard stage")
     train_tokenizer: Resources = option(Resources(gpus_per_node=4, time_min=1440), "resources of train_tokenizer")
     precompute_codes: Resources = option(Resources(gpus_per_node=1, time_min=240), "resources of precompute_codes")
@@ -202,4 +234,5 @@ class LauncherConfig:
     sample: Resources = option(Resources(gpus_per_node=8, time_min=480), "resources of sample")
     score: Resources = option(Resources(gpus_per_node=1, time_min=60), "resources of score")
 
-
+    def validate(self, path: str) -> None:
+        _check_sbatch_flags(self.sbatch_flags, f"{path}.sbatch_flags")

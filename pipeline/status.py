@@ -63,9 +63,14 @@ def status_rows(run_dir: str | Path) -> list[list[str]]:
     return rows
 
 
-def format_status(run_dir: str | Path) -> str:
+def format_status(run_dir: str | Path, jobs: dict[str, str] | None = None) -> str:
+    """The table; `jobs` (stage -> "job 123 COMPLETED", launchers/jobs.py) adds a SLURM column."""
     header = ["stage", "state", "counts", "wall time", "metrics"]
-    rows = [header] + status_rows(run_dir)
+    rows = status_rows(run_dir)
+    if jobs:
+        header.append("slurm")
+        rows = [row + [jobs.get(row[0], "-")] for row in rows]
+    rows = [header] + rows
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [f"run directory: {run_dir}"]
     for i, row in enumerate(rows):

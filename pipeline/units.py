@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tqdm import tqdm
-
 from .dist import all_gather_objects, barrier, broadcast_object
 from .errors import StageError
 from .io import atomic_write_json, read_json, sha256_file, sha256_json
+from .progress import progress
 
 MANIFEST_NAME = "manifest.json"  # every unit stage's index of its units, written last by rank 0
 
@@ -120,7 +119,7 @@ class UnitWork:
     def mine(self) -> list[Unit]:
         return self.plan[self.worker::self.num_workers]
 
-    def run(self, write_one: Callable[[Unit, tqdm], dict], logger: logging.Logger, *, desc: str,
+    def run(self, write_one: Callable[[Unit, object], dict], logger: logging.Logger, *, desc: str,
             progress_position: int = 0) -> dict:
         """Write this worker's units that have no verified sidecar; `write_one(unit, bar)` returns the
         unit's sidecar (through `publish_unit`) and advances `bar` by the items it consumed."""
@@ -135,8 +134,8 @@ class UnitWork:
         items = sum(unit.size for unit in todo)
         rows = done = 0
         start = time.perf_counter()
-        with tqdm(total=items, unit="img", desc=f"{desc} worker {self.worker}", position=progress_position,
-                  dynamic_ncols=True, mininterval=2.0, disable=None) as bar:
+        with progress(items, unit="img", desc=f"{desc} worker {self.worker}", position=progress_position,
+                      mininterval=2.0) as bar:
             for unit in todo:
                 sidecar = write_one(unit, bar)
                 rows += sidecar["count"]

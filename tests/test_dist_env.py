@@ -45,3 +45,17 @@ def test_overrides_after_options():
     assert args.overrides == ["a.b=1", "c.d=2"] and args.run_dir == "/tmp/x"
     with pytest.raises(SystemExit):
         parse_args(["run", "cfg.yaml", "--bogus"])
+
+
+def test_srun_tasks_get_torchrun_variables_with_their_node_layout(monkeypatch):
+    """srun ranks: rank/world from SLURM_PROCID/NTASKS, the per-node rank count from
+    SLURM_STEP_TASKS_PER_NODE (mosaicml-streaming needs LOCAL_WORLD_SIZE), the master from the node list."""
+    from pipeline.dist import slurm_torch_env
+
+    env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "12", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
+           "SLURM_STEP_TASKS_PER_NODE": "4(x2),4", "SLURM_JOB_ID": "1234", "MASTER_ADDR": "node7"}
+    out = slurm_torch_env(env)
+    assert out == {"RANK": "9", "WORLD_SIZE": "12", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "NODE_RANK": "2",
+                   "MASTER_ADDR": "node7", "MASTER_PORT": str(29500 + 1234 % 1000)}
+    uneven = {**env, "SLURM_STEP_TASKS_PER_NODE": "3,1", "SLURM_NODEID": "1", "SLURM_NTASKS": "4", "SLURM_PROCID": "3"}
+    assert slurm_torch_env(uneven)["LOCAL_WORLD_SIZE"] == "1"

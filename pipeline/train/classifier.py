@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
-from tqdm import tqdm
 
 from ..dist import barrier, is_main_process
 from ..io import atomic_path, atomic_write_json, read_json, sha256_file
 from ..models.classifier import ProbeClassifier
+from ..progress import progress
 
 FOLDER, WEIGHTS, META = "classifier", "classifier.safetensors", "classifier.json"
 STEPS, BATCH, LR = 400, 64, 2e-3  # ~6 epochs of the 2000-image demo set: ~20 s on 2 CPU cores
@@ -73,7 +73,7 @@ def _train(manifest_path, folder: Path, *, seed: int, manifest_sha: str, logger:
     loader = make_image_loader(manifest_path, "train", BATCH, seed=seed + 1, shuffle=True, drop_last=True,
                                hflip=True)
     step = 0
-    with tqdm(total=STEPS, desc="probe classifier", unit="step", dynamic_ncols=True, disable=None) as bar:
+    with progress(STEPS, desc="probe classifier", unit="step") as bar:
         while step < STEPS:
             for images, labels, *_ in loader:
                 loss = F.cross_entropy(model(images), labels)

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..artifacts import load_tokenizer
 from ..config import Config
@@ -27,6 +26,7 @@ from ..io import atomic_write_json, read_json
 from ..losses.prior_loss import rq_prior_loss
 from ..models.prior_config import CodeSpec
 from ..models.registry import build_prior
+from ..progress import progress
 from .checkpoint import RECORD, CheckpointManager, load_pt, resume_newest
 from .ema import WeightEMA
 from .engine import engine_meta, make_engine
@@ -212,8 +212,7 @@ class PriorTrainer:
         self.resume()
         self._batches = self._iterate_batches()
         tokens_per_sample = self.spec.height * self.spec.width * self.spec.depth
-        bar = tqdm(total=tc.steps, initial=self.step, desc="train_prior", unit="step",
-                   disable=not self.env.is_main, dynamic_ncols=True)
+        bar = progress(tc.steps, initial=self.step, desc="train_prior", unit="step", enabled=self.env.is_main)
         last_save = time.monotonic()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..config import Config
 from ..dist import DistEnv
 from ..io import atomic_write_json
 from ..losses import TokenizerLoss
 from ..models.registry import build_tokenizer
+from ..progress import progress
 from ..stage import StageError
 from .checkpoint import CheckpointManager, load_pt, resume_newest
 from .engine import deepspeed_config, engine_meta, make_engine
@@ -216,8 +216,7 @@ class TokenizerTrainer:
                              self.cfg.tokenizer.target_ratio)
         self._batches = self._iterate_batches()
         images_per_step = tc.batch_size
-        bar = tqdm(total=tc.steps, initial=self.step, desc="train_tokenizer", unit="step",
-                   disable=not self.env.is_main, dynamic_ncols=True)
+        bar = progress(tc.steps, initial=self.step, desc="train_tokenizer", unit="step", enabled=self.env.is_main)
         while self.step < tc.steps:
             start = time.perf_counter()
             logs = self.train_step()
