@@ -15,29 +15,50 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .data.reader import ShardedImageDataset
 from .generation.decode import to_uint8
 from .inception import inception_features
+from .errors import StageError
 from .io import atomic_write_json, read_json, sha256_file
 from .scoring import reference_from_npz, save_reference
 
 FOLDER = "inception"  # RUN_DIR/inception/reference-<split>[-first<N>].npz + .json (its key)
 
 
-def original_blocks(dataset: ShardedImageDataset, count: int, batch: int) -> Iterator[np.ndarray]:
+def split_images(manifest: str | Path, split: str, count: int, batch: int) -> Iterator[torch.Tensor]:
+    """The first `count` images of the split in manifest order, unaugmented, as (B, 3, H, W) batches.
+    Read through the stage loaders, so shards indexed by URL (streamed, no random access) work too."""
+    from .data.reader import make_image_loader
+
+    seen = 0
+    for images, *_ in make_image_loader(manifest, split, batch, shuffle=False, drop_last=False):
+        if seen >= count:
+            break
+        images = images[: count - seen]
+        seen += images.shape[0]
+        yield images
+
+
+def original_blocks(manifest: str | Path, split: str, count: int, batch: int) -> Iterator[np.ndarray]:
     """The first `count` images of the split as (B, H, W, 3) uint8 blocks (exactly the shard pixels)."""
-    for lo in range(0, count, batch):
-        images = torch.stack([dataset[i][0] for i in range(lo, min(count, lo + batch))])
+    for images in split_images(manifest, split, count, batch):
         yield to_uint8(images).numpy()
 
 
 @torch.no_grad()
-def reconstruction_blocks(tokenizer, dataset: ShardedImageDataset, count: int, batch: int,
+def reconstruction_blocks(tokenizer, manifest: str | Path, split: str, count: int, batch: int,
                           device: torch.device) -> Iterator[np.ndarray]:
     """encode -> decode of the first `count` images, rounded to uint8 as a saved PNG would be."""
-    for lo in range(0, count, batch):
-        images = torch.stack([dataset[i][0] for i in range(lo, min(count, lo + batch))]).to(device)
-        yield to_uint8(tokenizer.decode(tokenizer.encode(images))).numpy()
+    for images in split_images(manifest, split, count, batch):
+        yield to_uint8(tokenizer.decode(tokenizer.encode(images.to(device)))).numpy()
+
+
+def split_size(manifest: str | Path, split: str) -> int:
+    from .data.manifest import load_manifest
+
+    data, _ = load_manifest(manifest)
+    if split not in data["splits"]:
+        raise StageError(f"split {split!r} is not in {manifest} (has {sorted(data['splits'])})")
+    return sum(int(s["count"]) for s in data["splits"][split]["shards"])
 
 
 def split_reference(run_dir: str | Path, manifest: str | Path, split: str, extractor, source: str, *,
@@ -46,9 +67,9 @@ def split_reference(run_dir: str | Path, manifest: str | Path, split: str, extra
     """Reference statistics (mu, sigma, features) of the first `count` images of `split` (all when
     None or larger than the split), read from the run's cache or computed and cached (atomically)."""
     logger = logger or logging.getLogger("tessera")
-    dataset = ShardedImageDataset(manifest, split)
-    count = len(dataset) if count is None else min(count, len(dataset))
-    partial = count < len(dataset)
+    total = split_size(manifest, split)
+    count = total if count is None else min(count, total)
+    partial = count < total
     cache = Path(run_dir) / FOLDER / (f"reference-{split}-first{count}.npz" if partial else f"reference-{split}.npz")
     key = {"shard_manifest_sha256": sha256_file(manifest), "split": split, "images": count, "inception": source}
     key_path = cache.with_suffix(".json")
@@ -59,7 +80,7 @@ def split_reference(run_dir: str | Path, manifest: str | Path, split: str, extra
     if cached:
         logger.info("reference statistics: cached %s", cache)
         return reference_from_npz(cache, extractor, batch=batch, need_features=need_features)
-    features = inception_features(extractor, original_blocks(dataset, count, batch), total=count,
+    features = inception_features(extractor, original_blocks(manifest, split, count, batch), total=count,
                                   desc=f"reference ({split})")
     cache.parent.mkdir(parents=True, exist_ok=True)
     ref = save_reference(cache, features["2048"], f"shards:{split}" + (f"[:{count}]" if partial else ""))
@@ -76,14 +97,13 @@ def reconstruction_fid(tokenizer, run_dir: str | Path, manifest: str | Path, ext
     from .inception import UNCALIBRATED
     from .scoring import compute_metrics
 
-    dataset = ShardedImageDataset(manifest, split, verify=False)  # the stage verified the shards already
-    count = min(max_images, len(dataset))
+    count = min(max_images, split_size(manifest, split))
     reference = split_reference(run_dir, manifest, split, extractor, source, batch=batch, count=count,
                                 need_features=False, logger=logger)
     was_training = tokenizer.training
     tokenizer.eval()
     try:
-        features = inception_features(extractor, reconstruction_blocks(tokenizer, dataset, count, batch, device),
+        features = inception_features(extractor, reconstruction_blocks(tokenizer, manifest, split, count, batch, device),
                                       total=count, desc="rFID reconstructions")
     finally:
         tokenizer.train(was_training)

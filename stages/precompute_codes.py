@@ -24,7 +24,8 @@ from pipeline.artifacts import TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, load_tokeniz
 from pipeline.configschema import ConfigError
 from pipeline.data.codes_writer import VIEW_NAMES, CodeEncoder, CodeLayout, UnitStats, make_views, write_code_unit
 from pipeline.data.manifest import verify_shards
-from pipeline.data.reader import ShardedImageDataset
+from pipeline.data.reader import ShardedImageDataset, indexes_urls
+from pipeline.data.stream_reader import shard_batches
 from pipeline.io import atomic_write_json, json_bytes, read_json, sha256_file, sha256_json
 from pipeline.metrics import psnr_per_image
 from pipeline.models.dq_order import dq_codes_from_tokens
@@ -127,7 +128,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 @dataclass
 class CodesJob:
     stage_dir: Path
-    datasets: dict                       # split -> ShardedImageDataset over the input shards
+    manifest_path: Path                  # the shard stage's manifest
+    datasets: dict                       # split -> ShardedImageDataset over the input shards ({}: indexed by URL)
     plan: list[Unit]
     plan_id: str
     layout: CodeLayout
@@ -145,7 +147,9 @@ class CodesJob:
         layout = CodeLayout.for_tokenizer(model, meta, store_latents=pc.store_latents)
         precision = resolve_precision(pc.precision, device)
         shard_manifest = read_json(manifest_path)
-        datasets = {split: ShardedImageDataset(manifest_path, split) for split in shard_manifest["splits"]}
+        # Shards indexed by URL (data.wds_mode=index) are streamed, one unit per shard, front to back.
+        datasets = {} if indexes_urls(shard_manifest) else {
+            split: ShardedImageDataset(manifest_path, split) for split in shard_manifest["splits"]}
         plan = []
         for split, info in shard_manifest["splits"].items():
             start = 0
@@ -157,7 +161,7 @@ class CodesJob:
         plan_id = sha256_json({**fingerprints, "columns": layout.columns, "precision": precision,
                                "batch_size": pc.batch_size, "augment": pc.augment, "crop_range": pc.crop_range,
                                "augmented_splits": AUGMENTED_SPLITS})
-        return cls(Path(stage_dir), datasets, plan, plan_id, layout,
+        return cls(Path(stage_dir), manifest_path, datasets, plan, plan_id, layout,
                    CodeEncoder(model, layout, device, precision), cfg, precision, fingerprints)
 
     def views_per_image(self, split: str) -> int:
@@ -169,17 +173,38 @@ class CodesJob:
         augment = pc.augment if unit.split in AUGMENTED_SPLITS else "none"
         bs = pc.batch_size
         batches = [list(range(lo, min(unit.stop, lo + bs))) for lo in range(unit.start, unit.stop, bs)]
-        loader = DataLoader(self.datasets[unit.split], batch_sampler=batches, num_workers=self.cfg.data.num_workers)
-        for (images, labels, keys), indices in zip(loader, batches):
+        if self.datasets:
+            loader = DataLoader(self.datasets[unit.split], batch_sampler=batches,
+                                num_workers=self.cfg.data.num_workers)
+        else:  # the same batches, streamed from the unit's shard
+            loader = shard_batches(self.manifest_path, unit.split, unit.index, bs)
+        for (images, labels, keys), indices in zip(loader, batches, strict=True):
             views = make_views(images, augment, pc.crop_range)
             yield from self.encoder.encode(images, labels, indices, list(keys), views, stats)
             bar.update(len(indices))
+
+    def images_at(self, split: str, units: list[Unit], indices: list[int]) -> list[torch.Tensor]:
+        """The unaugmented images at sorted `indices` of the split: read at random, or (shards indexed by
+        URL) by streaming each unit's shard that holds one of them."""
+        if self.datasets:
+            return [self.datasets[split][i][0] for i in indices]
+        wanted, images = set(indices), {}
+        for unit in units:
+            if not any(unit.start <= i < unit.stop for i in indices):
+                continue
+            position = unit.start
+            for batch in shard_batches(self.manifest_path, split, unit.index, self.cfg.precompute.batch_size):
+                for k in range(len(batch.keys)):
+                    if position + k in wanted:
+                        images[position + k] = batch.images[k]
+                position += len(batch.keys)
+        return [images[i] for i in indices]
 
     # ---- completion ----------------------------------------------------------------------
     def build_manifest(self, sidecars: list[dict]) -> dict:
         """Content only (no times, hosts, paths): an interrupted and an uninterrupted run give the same bytes."""
         layout, splits = self.layout, {}
-        for split in self.datasets:
+        for split in read_json(self.manifest_path)["splits"]:  # every split, in the shard manifest's order
             mine = [s for unit, s in zip(self.plan, sidecars) if unit.split == split]
             hist = np.zeros((len(layout.histogram_rows), layout.codebook_size), dtype=np.int64)
             for s in mine:
@@ -227,7 +252,7 @@ class CodesJob:
         if n == 0:
             return {"verify_images": 0}
         picks = np.sort(np.random.default_rng([seed, 0xC0DE5]).choice(total, size=n, replace=False))
-        views, stored, images = self.views_per_image(split), [], []
+        views, stored = self.views_per_image(split), []
         for i in picks.tolist():
             unit, _ = next((unit, s) for unit, s in units if unit.start <= i < unit.stop)
             row = LocalDataset(local=str(self.stage_dir / unit.name))[(i - unit.start) * views]
@@ -235,8 +260,7 @@ class CodesJob:
                 raise StageError(f"precompute_codes: {unit.name} row for image {i} holds image {row['index']} view "
                                  f"{row['view']}; the unit is out of order, rerun with --force")
             stored.append(row)
-            images.append(self.datasets[split][i][0])
-        images_BCHW = torch.stack(images)
+        images_BCHW = torch.stack(self.images_at(split, [unit for unit, _ in units], picks.tolist()))
         model, bs, dev = self.encoder.model, self.cfg.precompute.batch_size, self.encoder.device
         recon_stored, recon_direct, mismatched, tokens = [], [], 0, 0
         for lo in range(0, n, bs):

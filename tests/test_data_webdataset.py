@@ -107,7 +107,7 @@ def test_index_lists_urls_without_copying(demo, pipe_index):
     assert [s["sha256"] for s in train["shards"]] == [s["sha256"] for s in ours["splits"]["train"]["shards"]]
     assert train["num_samples"] == 64 and manifest["webdataset_source"]["image_key"] == "png"
     assert not list(pipe_index.glob("train/*.tar"))
-    with pytest.raises(ShardIntegrityError, match="wds_mode=reshard"):  # random access (precompute_codes, score)
+    with pytest.raises(ShardIntegrityError, match="can only be streamed"):  # no random access
         ShardedImageDataset(pipe_index, "train")
 
 
@@ -265,7 +265,7 @@ def test_tokenizer_from_pipe_and_https_equals_local_path_and_resumes_exactly(dem
         run_stage("train_tokenizer", cfg(*overrides, *TRAIN), run_dir)
     monkeypatch.setattr(tokenizer_trainer.TokenizerTrainer, "train_step", real_step)
     state = torch.load(run_dir / "train_tokenizer/checkpoints/step_00000003/client_rank_00000.pt",
-                       weights_only=False)["loader"]
+                       weights_only=True)["loader"]
     assert state["epoch"] == 0 and sum(state["consumed"].values()) == 24 and state["next_worker"] == 1
     resumed = _train(run_dir, *overrides)
     assert "resumed from checkpoint at step 3" in (run_dir / "train_tokenizer/log.txt").read_text()
@@ -286,3 +286,27 @@ def test_two_ranks_index_and_train_from_a_pipe_url(demo, tmp_path):
     shards = [{int(k) for k in state["consumed"]} for state in states]
     assert all(sum(s["consumed"].values()) == 16 for s in states)  # 4 steps x 4 images per rank
     assert shards[0] and shards[1] and not shards[0] & shards[1]
+
+
+def test_indexed_urls_feed_precompute_codes_and_the_rfid_reference(demo, pipe_index, tmp_path):
+    """Stages that read every image once (precompute_codes, the Inception references) stream each
+    indexed shard front to back: the same images, keys and labels as our own shards in order."""
+    import shutil
+
+    from pipeline.data.stream_reader import shard_batches
+
+    ours = ShardedImageDataset(demo, "train")
+    for position in range(4):
+        for j, (images, labels, keys) in enumerate(shard_batches(pipe_index, "train", position, 8)):
+            for k in range(len(keys)):
+                image, label, key = ours[position * 16 + j * 8 + k]
+                assert key == keys[k] and label == int(labels[k]) and torch.equal(image, images[k])
+    run_dir = tmp_path / "run"
+    shutil.copytree(pipe_index.parent, run_dir)
+    overrides = index_overrides(*patterns(demo, "pipe:cat "), "tokenizer_train.rfid_images=8",
+                                "score.download_weights=false", "precompute.batch_size=8")
+    _train(run_dir, *overrides)
+    assert json.loads((run_dir / "train_tokenizer/done.json").read_text())["metrics"]["rfid_images"] == 8
+    assert run_stage("precompute_codes", cfg(*overrides, *TRAIN), run_dir).status == "done"
+    done = json.loads((run_dir / "precompute_codes/done.json").read_text())
+    assert done["counts"]["images"] == 80 and done["metrics"]["verify_token_mismatch"] == 0, done

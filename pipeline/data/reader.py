@@ -112,11 +112,10 @@ class ShardedImageDataset(Dataset):
         manifest, root = load_manifest(manifest_path)
         if split not in manifest["splits"]:
             raise ShardIntegrityError(f"split {split!r} is not in {root}/manifest.json (has {sorted(manifest['splits'])})")
-        if any("url" in s for s in manifest["splits"][split]["shards"]):
+        if indexes_urls(manifest):
             raise ShardIntegrityError(
                 f"{root}/manifest.json indexes webdataset shards by URL (data.wds_mode=index), which can only be "
-                f"streamed (data.reader=stream, used by train_tokenizer); stages that need random access "
-                f"(precompute_codes, score) need data.wds_mode=reshard")
+                f"streamed: read them with make_image_loader or stream_reader.shard_batches")
         if verify:
             verify_shards(manifest, root, splits=(split,))
         self.manifest, self.root, self.split = manifest, root, split
@@ -235,6 +234,12 @@ def _collate(samples) -> ImageBatch:
     return ImageBatch(torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(keys))
 
 
+def indexes_urls(manifest: dict) -> bool:
+    """True for a manifest that indexes existing webdataset shards by URL (data.wds_mode=index):
+    they can only be streamed, never read at random."""
+    return any("url" in s for info in manifest["splits"].values() for s in info["shards"])
+
+
 def make_image_loader(manifest_or_shard_dir: str | os.PathLike, split: str, batch_size: int, *, rank: int = 0,
                       world_size: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
                       num_workers: int = 0, random_crop: bool = False, hflip: bool = False,
@@ -245,8 +250,7 @@ def make_image_loader(manifest_or_shard_dir: str | os.PathLike, split: str, batc
     webdataset pipeline of pipeline.data.stream_reader, which is also used whatever `reader` says
     for a manifest that indexes shards by URL (they cannot be read at random)."""
     manifest, _ = load_manifest(manifest_or_shard_dir)
-    by_url = any("url" in s for info in manifest["splits"].values() for s in info["shards"])
-    if reader == "stream" or by_url:
+    if reader == "stream" or indexes_urls(manifest):
         from .stream_reader import make_stream_loader
 
         return make_stream_loader(manifest_or_shard_dir, split, batch_size, rank=rank, world_size=world_size, seed=seed,

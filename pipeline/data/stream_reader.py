@@ -36,6 +36,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -290,3 +291,18 @@ def make_stream_loader(manifest_or_shard_dir: str | os.PathLike, split: str, bat
                          batch_size=batch_size, drop_last=drop_last, random_crop=random_crop, hflip=hflip,
                          fetch=fetch or fetch_options())
     return StreamingImageLoader(stream, num_workers=num_workers, epoch=epoch)
+
+
+def shard_batches(manifest_or_shard_dir: str | os.PathLike, split: str, position: int, batch_size: int, *,
+                  fetch: FetchOptions | None = None) -> Iterator[ImageBatch]:
+    """Shard `position` of `split` read front to back (stored order, no augmentation) in batches of
+    `batch_size`, checked against the manifest at its end: how stages that encode every image once
+    per shard (precompute_codes) read shards indexed by URL, which offer no random access."""
+    manifest, root = load_manifest(manifest_or_shard_dir)
+    image_key, label_key = sample_keys(manifest)
+    shard = split_shards(manifest, root, split)[position]
+    stream = ShardStream([shard], resolution=manifest["resolution"], image_key=image_key, label_key=label_key,
+                         rank=0, world_size=1, seed=0, shuffle=False, batch_size=batch_size, drop_last=False,
+                         random_crop=False, hflip=False, fetch=fetch or fetch_options())
+    for batch, _, _ in stream:
+        yield batch
