@@ -30,10 +30,12 @@ def _interval_s() -> float:
         return DEFAULT_INTERVAL_S
 
 
-def _fmt_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
+def format_duration(seconds: float | None) -> str:
+    """`1h05m` / `4m07s` (`-` for None): progress lines, `tessera status` and the run summary."""
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
@@ -71,9 +73,9 @@ class PlainProgress:
             parts[0] += f"/{self.total} ({100.0 * self.n / self.total:.1f}%)"
         parts.append(f"{rate:.3g} {self.unit}/s")
         if self.total and rate > 0 and self.n < self.total:
-            parts.append(f"ETA {_fmt_duration((self.total - self.n) / rate)}")
+            parts.append(f"ETA {format_duration((self.total - self.n) / rate)}")
         else:
-            parts.append(f"elapsed {_fmt_duration(elapsed)}")
+            parts.append(f"elapsed {format_duration(elapsed)}")
         if self.postfix:
             parts.append(" ".join(f"{k}={v}" for k, v in self.postfix.items()))
         return "  ".join(parts)

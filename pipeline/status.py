@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .lock import describe_holder, live_holder
+from .progress import format_duration
 from .rundir import RunDir
 from .train.checkpoint import CheckpointManager
 
@@ -27,14 +28,6 @@ def _fmt_mapping(d: dict, limit: int = 4) -> str:
             value = f"{value:.4g}"
         items.append(f"{key}={value}")
     return " ".join(items) or "-"
-
-
-def _fmt_seconds(s: float | None) -> str:
-    if s is None:
-        return "-"
-    minutes, seconds = divmod(int(round(s)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
 def progress(stage_dir: Path) -> str:
@@ -58,7 +51,7 @@ def status_rows(run_dir: str | Path) -> list[list[str]]:
                 state = f"running ({describe_holder(holder)})"
             if st.state == "partial":
                 counts = progress(run.stage_dir(st.name))
-        rows.append([st.name, state, counts, _fmt_seconds(done.get("wall_time_s")),
+        rows.append([st.name, state, counts, format_duration(done.get("wall_time_s")),
                      _fmt_mapping(done.get("metrics", {}))])
     return rows
 

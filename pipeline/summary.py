@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .rundir import RunDir
-from .status import _fmt_seconds
+from .progress import format_duration
 
 # (stage, the files worth opening, in the stage folder)
 OUTPUTS = {
@@ -94,9 +94,9 @@ def format_summary(run_dir: str | Path) -> str:
         if state.state == "done":
             details += [f"-> {run.stage_dir(state.name) / f}" for f in OUTPUTS.get(state.name, ())
                         if (run.stage_dir(state.name) / f).exists()]
-        lines.append(f"  {state.name:<17} {state.state:<8} {_fmt_seconds(wall):>7}  {details[0] if details else ''}")
+        lines.append(f"  {state.name:<17} {state.state:<8} {format_duration(wall):>7}  {details[0] if details else ''}")
         lines += [f"  {'':<17} {'':<8} {'':>7}  {detail}" for detail in details[1:]]
-    lines.append(f"  {'total':<17} {'':<8} {_fmt_seconds(total):>7}")
+    lines.append(f"  {'total':<17} {'':<8} {format_duration(total):>7}")
     grid = run.stage_dir("sample") / "grid.png"
     if grid.exists():
         lines.append(f"Look at the samples: {grid} (rows are classes)")

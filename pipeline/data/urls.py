@@ -131,9 +131,10 @@ def read_shard_samples(url: str, options: FetchOptions, *, digest: list | None =
                     delivered += 1
                     yield sample
             stream.drain()
-            stream.close()  # a pipe's exit status is checked here
+            finished, stream = stream, None  # closed here, not again in `finally`
+            finished.close()  # a pipe's exit status is checked here
             if digest is not None:
-                digest.append((stream.sha.hexdigest(), stream.bytes))
+                digest.append((finished.sha.hexdigest(), finished.bytes))
             return
         except (OSError, EOFError, tarfile.TarError, ValueError) as err:  # a pipe's exit status, a cut stream...
             error = err
