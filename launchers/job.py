@@ -134,8 +134,10 @@ class StageJob(submitit.helpers.Checkpointable):
         Returning None means "do not requeue": submitit then ends the job as failed."""
         self._requeue_requested = True
         if self._child is not None and self._returncode is None:
-            try:  # the step's processes got the signal already; this covers a signal sent to us alone
-                self._child.send_signal(signal.SIGUSR1)
+            # The step's processes got the signal already; this covers a signal sent to us alone. It
+            # relays the same signal (submitit's USR2), so the stage reports one cause whichever lands first.
+            try:
+                self._child.send_signal(signal.SIGUSR2)
             except ProcessLookupError:
                 pass
         rc = self._wait_child(CHILD_CHECKPOINT_WAIT_S)

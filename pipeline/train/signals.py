@@ -47,7 +47,8 @@ class PreemptionGuard:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
+        if self.received is None:  # the first signal is the cause; a relayed or repeated one adds nothing
+            self.received = signum
 
     def should_stop(self) -> bool:
         """True on every rank if any rank was signalled (a collective call when distributed)."""
