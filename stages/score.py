@@ -83,7 +83,9 @@ def classifier_check(ctx: StageContext, samples: Path) -> dict:
         labels = archive["arr_1"]
     if not manifest.is_file() or labels.min() < 0:
         return {}
-    model, meta = classifier_for_run(ctx.run_dir, manifest, seed=ctx.cfg.seed, logger=ctx.logger)
+    model, meta = classifier_for_run(ctx.run_dir, manifest, seed=ctx.cfg.seed, logger=ctx.logger, device=ctx.device)
+    if model is None:  # too many classes for the probe (logged)
+        return {}
     correct = seen = 0
     with torch.no_grad():
         for block in iter_npz_images(samples, 256):

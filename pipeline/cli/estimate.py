@@ -29,6 +29,16 @@ class MemoryRow:
     cpu_model_states_gib: float  # per rank
 
 
+OFFLOADS = ("none", "optimizer", "optimizer+params")
+
+
+def memory_setups() -> list[tuple[int, str]]:
+    """Every (ZeRO stage, offload) the estimate prints a row for and can recommend: offloading
+    needs ZeRO 1-3, offloading the parameters ZeRO-3."""
+    return [(stage, offload) for stage in range(4) for offload in OFFLOADS
+            if not (offload != "none" and stage == 0) and not (offload == "optimizer+params" and stage != 3)]
+
+
 def model_state_bytes(n_params: int, world_size: int, zero_stage: int, *, bf16: bool = True,
                       offload_optimizer: bool = False, offload_params: bool = False) -> tuple[float, float]:
     """(GPU bytes, CPU bytes) of weights + gradients + optimizer states on one rank."""
@@ -86,13 +96,10 @@ def estimate(cfg, world_size: int, gpu_memory_gib: float = 80.0, gpu_tflops: flo
     tc = cfg.prior_train
     micro = max(1, tc.batch_size // (world_size * tc.grad_accum))
     rows = []
-    for stage in range(4):
-        for offload in ("none", "optimizer", "optimizer+params"):
-            if (offload != "none" and stage == 0) or (offload == "optimizer+params" and stage != 3):
-                continue
-            gpu, cpu = model_state_bytes(n_params, world_size, stage, offload_optimizer=offload != "none",
-                                         offload_params=offload == "optimizer+params")
-            rows.append(MemoryRow(stage, offload, gpu / GIB, cpu / GIB))
+    for stage, offload in memory_setups():
+        gpu, cpu = model_state_bytes(n_params, world_size, stage, offload_optimizer=offload != "none",
+                                     offload_params=offload == "optimizer+params")
+        rows.append(MemoryRow(stage, offload, gpu / GIB, cpu / GIB))
     acts = {ckpt: activation_bytes(cfg.prior, spec, micro, ckpt) / GIB for ckpt in (False, True)}
     budget = 0.9 * gpu_memory_gib
     recommendation = None

@@ -1,6 +1,6 @@
-"""What the prior's engine is built from: the authors' AdamW parameter groups, the DeepSpeed config
-(generated from the typed config, then the user's JSON on top), and DeepSpeed universal checkpoints
-for resuming on another number of ranks."""
+"""What the prior's engine is built from: the authors' AdamW parameter groups and the optimizer that
+steps them, the DeepSpeed config (generated from the typed config, then the user's JSON on top),
+and DeepSpeed universal checkpoints for resuming on another number of ranks."""
 from __future__ import annotations
 
 import json
@@ -29,6 +29,25 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def offloads_optimizer(ds_config: dict | None) -> bool:
+    """Whether DeepSpeed keeps the optimizer states off the accelerator (typed config or user JSON)."""
+    offload = (ds_config or {}).get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)
+
+
+def make_prior_optimizer(model: torch.nn.Module, tc, ds_config: dict | None) -> torch.optim.Optimizer:
+    """AdamW over the authors' decay groups: torch's, or DeepSpeedCPUAdam in AdamW mode under
+    ZeRO-Offload, which steps the CPU copy of the partitions and where DeepSpeed refuses a torch
+    optimizer (zero_force_ds_cpu_optimizer). The C++ op is built on first use (~30 s on an idle
+    machine) and cached in ~/.cache/torch_extensions."""
+    groups = decay_groups(model, tc.weight_decay)
+    if offloads_optimizer(ds_config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=tc.lr, betas=tuple(tc.betas), adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas))
+
+
 def prior_deepspeed_config(tc, world_size: int, device: torch.device) -> dict:
     """Generated from the typed config (ZeRO stage, offload, bf16 on GPU), then the user's JSON on top."""
     config = deepspeed_config(tc, world_size, device)
@@ -49,6 +68,10 @@ def prior_deepspeed_config(tc, world_size: int, device: torch.device) -> dict:
             user = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             raise StageError(f"prior_train.deepspeed_config: cannot read {path}: {err}") from None
+        if "optimizer" in user:
+            raise StageError(f"prior_train.deepspeed_config: {path} declares an 'optimizer'; tessera builds AdamW "
+                             f"itself (DeepSpeedCPUAdam under offload) from prior_train.lr, betas and weight_decay: "
+                             f"remove the key and set those instead")
         config = merge_trees(config, user)
         for key in ("train_batch_size", "gradient_accumulation_steps"):
             mine = deepspeed_config(tc, world_size, device)[key]

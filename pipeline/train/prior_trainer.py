@@ -30,7 +30,8 @@ from ..runtime.progress import progress
 from .checkpoint import RECORD, CheckpointManager, load_pt, resume_newest
 from .ema import WeightEMA
 from .engine import engine_meta, make_engine
-from .prior_engine import UNIVERSAL_DONE, decay_groups, newest_world_size, prior_deepspeed_config, to_universal
+from .prior_engine import (UNIVERSAL_DONE, make_prior_optimizer, newest_world_size, prior_deepspeed_config,
+                           to_universal)
 from .rng import capture_rng_state, restore_rng_state
 from .schedule import warmup_cosine
 from .signals import PreemptionGuard, Preempted
@@ -52,9 +53,6 @@ class PriorTrainer:
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank
         self.model = build_prior(cfg.prior, self.spec, codebook).to(device)
         self.num_parameters = sum(p.numel() for p in self.model.parameters())  # before ZeRO-3 partitions them
-        self.optimizer = torch.optim.AdamW(decay_groups(self.model, tc.weight_decay), lr=tc.lr,
-                                           betas=tuple(tc.betas))
-        self.scheduler = warmup_cosine(self.optimizer, tc.steps, tc.warmup_steps, tc.min_lr_ratio)
         per_rank, remainder = divmod(tc.batch_size, env.world_size * tc.grad_accum)
         if remainder or per_rank == 0:
             raise StageError(f"prior_train.batch_size={tc.batch_size} must be a positive multiple of world_size x "
@@ -71,6 +69,8 @@ class PriorTrainer:
                 ds_config["checkpoint"] = {"load_universal": True}
             if env.is_main:
                 atomic_write_json(self.stage_dir / "deepspeed_config.json", ds_config)
+        self.optimizer = make_prior_optimizer(self.model, tc, ds_config)
+        self.scheduler = warmup_cosine(self.optimizer, tc.steps, tc.warmup_steps, tc.min_lr_ratio)
         self.engine = make_engine("prior", self.model, self.optimizer, self.scheduler, tc, env, device,
                                   ds_config=ds_config)
         self.ema = None

@@ -274,7 +274,7 @@ class TokenizerTrainer:
         classifier = None
         if tc.eval_classifier:  # collective: rank 0 trains it once, every rank loads the cached file
             classifier, _ = classifier_for_run(self.stage_dir.parent, self.loaders.manifest, seed=self.cfg.seed,
-                                               logger=self.logger)
+                                               logger=self.logger, device=self.device)
         metrics, preview = evaluate_tokenizer(self.model, loader, codebook_size=self.cfg.tokenizer.codebook_size,
                                               max_images=tc.eval_images, device=self.device, classifier=classifier)
         if preview is not None and self.env.is_main:

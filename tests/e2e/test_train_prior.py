@@ -137,6 +137,27 @@ def test_zero3_two_ranks_trains_and_exports(codes_run, tmp_path):
     assert all(v.numel() > 0 for v in model.state_dict().values())
 
 
+@pytest.mark.parametrize("offload", [("prior_train.zero_stage=2", "prior_train.offload_optimizer=true"),
+                                     ("prior_train.zero_stage=3", "prior_train.offload_optimizer=true",
+                                      "prior_train.offload_params=true")], ids=["zero2-optimizer", "zero3-params"])
+def test_zero_offload_trains_resumes_bitwise_after_a_kill_and_exports(codes_run, tmp_path, offload):
+    """ZeRO-Offload (DeepSpeedCPUAdam on the CPU partitions) on 2 ranks: both ranks killed at step 6
+    (checkpoint at 4), the rerun ends bit-identical to an uninterrupted run; the export loads."""
+    args = ("prior_train.steps=8", "prior_train.checkpoint_every=4", *offload)
+    reference = fresh(codes_run, tmp_path, "reference")
+    run_prior(reference, *args, nproc=2)
+    assert done(reference)["metrics"]["train_loss"] < 3.4
+    config = json.loads((reference / "train_prior/deepspeed_config.json").read_text())
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    run_dir = fresh(codes_run, tmp_path)
+    out = run_prior_signalled(run_dir, 6, signal.SIGKILL, *args, nproc=2)
+    assert out.returncode != 0 and not (run_dir / "train_prior/done.json").exists()
+    run_prior(run_dir, *args, nproc=2)
+    assert "resumed from checkpoint at step 4" in (run_dir / "train_prior/log.txt").read_text()
+    assert_bitwise_equal(weights(run_dir), weights(reference))
+    assert all(v.numel() > 0 for v in load_prior(run_dir / "train_prior").state_dict().values())
+
+
 def test_signal_checkpoints_exit_3_and_incomplete_newest_falls_back(codes_run, tmp_path):
     run_dir = fresh(codes_run, tmp_path)
     args = ("prior_train.steps=8", "prior_train.checkpoint_every=4", "prior_train.engine=ddp")

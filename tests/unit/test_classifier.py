@@ -1,11 +1,14 @@
 """The probe classifier: trained once per shard set and cached; its accuracies in the tokenizer eval."""
 import json
+import logging
 
+import pytest
 import torch
 
 import pipeline.train.classifier as classifier_lib
 from pipeline.config.root import load_config
 from pipeline.runner.stage import run_stage
+from pipeline.runtime.errors import StageError
 from pipeline.train.tokenizer_eval import evaluate_tokenizer
 
 SHAPES = ["data.synthetic_style=shapes", "data.resolution=16", "data.num_train=200", "data.num_val=50",
@@ -76,3 +79,37 @@ def test_eval_reports_classifier_accuracy_on_originals_and_reconstructions():
     plain, _ = evaluate_tokenizer(KeepsHalf(), [(images, labels)], codebook_size=4, max_images=8,
                                   device=torch.device("cpu"))
     assert "class_acc_originals" not in plain
+
+
+def test_a_split_smaller_than_a_batch_trains_and_logs_progress(tmp_path, monkeypatch, caplog):
+    """24 train images, batch 64: the old loop waited forever for a full batch."""
+    monkeypatch.setattr(classifier_lib, "STEPS", 6)
+    monkeypatch.setattr(classifier_lib, "LOG_EVERY", 3)
+    run_stage("shard", load_config(None, SHAPES[:2] + ["data.num_train=24", "data.num_val=8"]), tmp_path)
+    with caplog.at_level("INFO", logger="probe-test"):  # "tessera" logs to the stage's file only
+        model, meta = classifier_lib.classifier_for_run(tmp_path, tmp_path / "shard/manifest.json", seed=0,
+                                                        device="cpu", logger=logging.getLogger("probe-test"))
+    assert meta["batch_size"] == 24 and meta["steps"] == 6 and next(model.parameters()).device.type == "cpu"
+    assert "probe classifier: step 3/6" in caplog.text and "probe classifier: step 6/6" in caplog.text
+
+
+def test_an_empty_train_split_is_refused_clearly(tmp_path):
+    run_stage("shard", load_config(None, SHAPES[:2] + ["data.num_train=1", "data.num_val=4"]), tmp_path)
+    manifest = tmp_path / "shard/manifest.json"
+    record = json.loads(manifest.read_text())
+    record["splits"]["train"]["num_samples"] = 0  # as a tree with only a val/ folder would shard
+    manifest.write_text(json.dumps(record))
+    with pytest.raises(StageError, match="train split of .* is empty"):
+        classifier_lib.classifier_for_run(tmp_path, manifest, seed=0)
+
+
+def test_skipped_where_the_class_count_makes_the_probe_meaningless(tmp_path):
+    assert classifier_lib.probe_skip_reason(10) is None and classifier_lib.probe_skip_reason(100) is None
+    assert "1000 classes" in classifier_lib.probe_skip_reason(1000)
+    run_stage("shard", load_config(None, SHAPES[:2] + ["data.num_train=4", "data.num_val=0"]), tmp_path)
+    manifest = tmp_path / "shard/manifest.json"
+    record = json.loads(manifest.read_text())
+    record["num_classes"] = 1000
+    manifest.write_text(json.dumps(record))
+    model, meta = classifier_lib.classifier_for_run(tmp_path, manifest, seed=0)
+    assert model is None and "skipped" in meta and not (tmp_path / "classifier").exists()
