@@ -37,6 +37,7 @@ from ..config.root import Config, changed_keys, default_config_dict
 from ..runtime.errors import StageError, describe_os_error
 from ..runtime.dist import DistEnv, barrier, broadcast_object, device_for, init_distributed
 from ..runtime.io import atomic_write_text, sha256_file
+from .external_files import check_external_files
 from .lock import StageLock, is_lock_file
 from ..runtime.logs import setup_logging
 from .rundir import STAGE_NAMES, RunDir
@@ -163,13 +164,16 @@ def verify_stage(name: str, run: RunDir) -> None:
         verify(stage_dir)
 
 
-def preflight(cfg: Config, names: list[str]) -> None:
+def preflight(cfg: Config, names: list[str], *, external_files: bool = True) -> None:
     """Check the whole config for every stage about to run, before the first one starts (a model
-    that cannot be built for this resolution must not surface after hours of sharding)."""
+    that cannot be built for this resolution, or a missing weights file, must not surface after
+    hours of sharding)."""
     for name in names:
         check = getattr(load_stage_module(name), "check_config", None)
         if check is not None:
             check(cfg)
+    if external_files:
+        check_external_files(cfg, names)
 
 
 def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = False, num_tasks: int = 1,
@@ -178,8 +182,9 @@ def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = Fals
 
     `module` stands in for the stage's own module (same NAME and SECTIONS): `tessera import`
     produces a stage's outputs from foreign checkpoints through the same lock and records."""
+    imported = module is not None  # its outputs come from foreign files, not from the config's inputs
     module = load_stage_module(name) if module is None else module
-    preflight(cfg, [name])
+    preflight(cfg, [name], external_files=not imported)
     if not 0 <= task_id < num_tasks:
         raise StageError(f"--task-id {task_id} must be in [0, {num_tasks}) for --num-tasks {num_tasks}")
     run = RunDir(run_dir)
