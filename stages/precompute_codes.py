@@ -26,6 +26,7 @@ from pipeline.data.codes_writer import VIEW_NAMES, CodeEncoder, CodeLayout, Unit
 from pipeline.data.manifest import verify_shards
 from pipeline.data.reader import ShardedImageDataset, indexes_urls
 from pipeline.data.stream_reader import shard_batches
+from pipeline.runtime.cpus import capped_workers
 from pipeline.runtime.io import atomic_write_json, json_bytes, read_json, sha256_file, sha256_json
 from pipeline.evaluation.metrics import psnr_per_image
 from pipeline.models.dq_order import dq_codes_from_tokens
@@ -175,7 +176,7 @@ class CodesJob:
         batches = [list(range(lo, min(unit.stop, lo + bs))) for lo in range(unit.start, unit.stop, bs)]
         if self.datasets:
             loader = DataLoader(self.datasets[unit.split], batch_sampler=batches,
-                                num_workers=self.cfg.data.num_workers)
+                                num_workers=capped_workers(self.cfg.data.num_workers))
         else:  # the same batches, streamed from the unit's shard
             loader = shard_batches(self.manifest_path, unit.split, unit.index, bs)
         for (images, labels, keys), indices in zip(loader, batches, strict=True):

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
-import os
 
 from pipeline.data import manifest as manifest_lib
 from pipeline.data.shards import encode_loaded, plan_shards, samples_per_shard, write_shard
 from pipeline.data.sources import make_source
+from pipeline.runtime.cpus import usable_cpus
 from pipeline.runtime.io import atomic_write_text, json_bytes, sha256_json
 from pipeline.runner.stage import StageContext, StageError, StageResult
 from pipeline.runner.units import MANIFEST_NAME, UnitWork, items_and_rate, publish_unit
@@ -163,8 +163,7 @@ def warn_about_classes(source, data, logger) -> None:
 
 def default_decode_processes() -> int:
     """The CPU cores this process may use, shared among the ranks on this node."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return usable_cpus()
 
 
 _POOL_SOURCE = None  # the source, inherited by forked decode processes instead of pickled per task

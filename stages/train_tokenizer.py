@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.runner.artifacts import TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, save_tokenizer
+from pipeline.runtime.cpus import capped_workers
 from pipeline.runtime.dist import barrier
 from pipeline.runtime.io import sha256_file
 from pipeline.runtime.logs import tensorboard_writer
@@ -51,7 +52,8 @@ def input_fingerprints(ctx) -> dict:
 
 def run(ctx) -> StageResult:
     cfg = ctx.cfg
-    loaders = LoaderFactory(manifest=_manifest(ctx), env=ctx.env, seed=cfg.seed, num_workers=cfg.data.num_workers,
+    loaders = LoaderFactory(manifest=_manifest(ctx), env=ctx.env, seed=cfg.seed,
+                            num_workers=capped_workers(cfg.data.num_workers, ctx.logger),
                             random_crop=cfg.data.random_crop, hflip=cfg.data.hflip, reader=cfg.data.reader)
     writer = tensorboard_writer(ctx.run_dir, NAME)
     # The guard is up before the (slow) model build, so an early SLURM signal is not fatal.
