@@ -72,6 +72,7 @@ def run(ctx) -> StageResult:
             trainer = PriorTrainer(cfg, ctx.env, ctx.device, ctx.run_dir, ctx.stage_dir, ctx.logger, writer)
             metrics = trainer.fit(guard)
             state = trainer.export_state()  # collective under ZeRO-3
+            trainer.engine.close()
     finally:
         if writer is not None:
             writer.close()

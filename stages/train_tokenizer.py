@@ -61,6 +61,9 @@ def run(ctx) -> StageResult:
         with PreemptionGuard() as guard:
             trainer = TokenizerTrainer(cfg, ctx.env, ctx.device, ctx.stage_dir, loaders, ctx.logger, writer)
             metrics = trainer.fit(guard)
+            for engine in (trainer.gen, trainer.disc_engine):
+                if engine is not None:
+                    engine.close()
     finally:
         if writer is not None:
             writer.close()

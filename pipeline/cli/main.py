@@ -141,6 +141,7 @@ def _run_dir(args, cfg) -> Path:
 def cmd_run(args) -> int:
     from ..config.root import load_config
     from ..runner.stage import STAGE_NAMES, available_stages, preflight, run_stage
+    from ..runtime.memory import current_rss_bytes, peak_rss_bytes, release_memory, reset_peak_rss
     from .summary import format_summary
 
     cfg = load_config(args.config, args.overrides)
@@ -158,8 +159,12 @@ def cmd_run(args) -> int:
     preflight(cfg, stages)  # every stage's config checks before the first stage starts
     run_dir = _run_dir(args, cfg)
     for name in stages:
+        reset_peak_rss()
         outcome = run_stage(name, cfg, run_dir, force=args.force)
-        print(f"[tessera] {name}: {outcome.status}", flush=True)
+        peak = peak_rss_bytes()
+        release_memory()  # the next stage starts from this stage's leftovers otherwise
+        print(f"[tessera] {name}: {outcome.status} (peak RSS {peak / 2 ** 30:.2f} GiB, after release "
+              f"{current_rss_bytes() / 2 ** 30:.2f} GiB)", flush=True)
     print(format_summary(run_dir))
     print(f"[tessera] run directory: {run_dir}  (see `tessera status {run_dir}`)")
     return 0

@@ -75,14 +75,30 @@ def save_reference(path: Path, features_NF: torch.Tensor, source: str) -> dict:
     return ref
 
 
+PRC_BLOCK_BYTES = 1 << 30  # one block of float32 distances in precision/recall
+
+
+def precision_recall(generated_NF: torch.Tensor, real_NF: torch.Tensor, *,
+                     device: torch.device | str = "cpu") -> tuple[float, float]:
+    """torch-fidelity's precision/recall (k=3 neighbourhoods), in row blocks of the distance matrix
+    (its save_cpu_ram mode) sized to ~PRC_BLOCK_BYTES, computed on `device`: the full 50k x 50k
+    float32 matrix would take 10 GB (20 GB peak) where one block takes 1 GB."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    rows = max(1, min(10000, PRC_BLOCK_BYTES // (4 * max(len(generated_NF), len(real_NF)))))
+    r = prc_features_to_metric(generated_NF.to(device), real_NF.to(device), save_cpu_ram=True, prc_batch_size=rows,
+                               prc_neighborhood=3, verbose=False)
+    return r["precision"], r["recall"]
+
+
 def compute_metrics(features: dict[str, torch.Tensor], reference: dict | None, metrics: Iterable[str], *,
-                    source: str, kid_subset_size: int = 1000, seed: int = 2020) -> dict:
+                    source: str, kid_subset_size: int = 1000, seed: int = 2020,
+                    device: torch.device | str = "cpu") -> dict:
     """The requested metrics of sample features against the reference (torch-fidelity's formulas),
     named `<metric>_uncalibrated` when the Inception weights were not the real ones."""
     from torch_fidelity.metric_fid import fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
-    from torch_fidelity.metric_prc import prc_features_to_metric
 
     feats = features["2048"]
     out: dict[str, float] = {}
@@ -104,8 +120,7 @@ def compute_metrics(features: dict[str, torch.Tensor], reference: dict | None, m
                 r = kid_features_to_metric(feats, ref_feats, kid_subset_size=size, rng_seed=seed, verbose=False)
                 values = (r["kernel_inception_distance_mean"], r["kernel_inception_distance_std"])
             else:  # prc: torch-fidelity's convention, generated first
-                r = prc_features_to_metric(feats, ref_feats, verbose=False)
-                values = (r["precision"], r["recall"])
+                values = precision_recall(feats, ref_feats, device=device)
         for name, value in zip(METRIC_NAMES[metric], values):
             out[name if source != UNCALIBRATED else f"{name}_uncalibrated"] = float(value)
     return out
@@ -135,4 +150,5 @@ def score_samples(samples_npz: Path, reference: dict | None, extractor, source: 
                   batch: int = 50, kid_subset_size: int = 1000) -> dict:
     """Metrics of an ADM-format sample archive against a reference (see compute_metrics)."""
     features = features_of_npz(Path(samples_npz), extractor, batch, "samples")
-    return compute_metrics(features, reference, metrics, source=source, kid_subset_size=kid_subset_size)
+    return compute_metrics(features, reference, metrics, source=source, kid_subset_size=kid_subset_size,
+                           device=next(extractor.parameters()).device)

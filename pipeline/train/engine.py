@@ -112,6 +112,9 @@ class TrainEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def close(self) -> None:
+        """Release what the back end keeps beyond the module (called when the stage is finished)."""
+
     # each back end implements these
     def zero_grad(self) -> None: ...
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -267,6 +270,12 @@ class DeepSpeedEngine(TrainEngine):
                                                load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint '{self.name}' in {folder}")
+
+    def close(self) -> None:
+        # ZeRO's gradient hooks sit on autograd's C++ accumulator nodes, which the garbage collector
+        # cannot see through: without destroy() the engine, the model and the optimizer states stay
+        # alive after the stage (the next stage of `tessera run` would start with all of it).
+        self.wrapped.destroy()
 
     def load_universal(self, folder: Path) -> None:
         """Load a universal checkpoint (`folder/<name>/`, from deepspeed's ds_to_universal), written by

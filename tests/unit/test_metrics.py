@@ -171,3 +171,19 @@ def test_evaluate_tokenizer_with_an_empty_rank_matches_one_process():
     for rank, result in enumerate(results):
         assert "error" not in result, f"rank {rank}: {result.get('error')}"
         assert result["metrics"] == pytest.approx(single), f"rank {rank}"
+
+
+def test_precision_recall_in_small_blocks_equals_the_full_matrix(monkeypatch):
+    """The score stage's blocked precision/recall (bounded memory) gives torch-fidelity's full-matrix
+    answer exactly, whatever the block size."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    import pipeline.evaluation.scoring as scoring
+
+    generator = torch.Generator().manual_seed(0)
+    generated, real = torch.randn(300, 16, generator=generator), torch.randn(250, 16, generator=generator) + 0.4
+    full = prc_features_to_metric(generated, real, verbose=False)
+    for block_rows in (1, 7, 300):
+        monkeypatch.setattr(scoring, "PRC_BLOCK_BYTES", 4 * 300 * block_rows)
+        assert scoring.precision_recall(generated, real) == (full["precision"], full["recall"])
+    assert 0.0 < full["precision"] < 1.0 and 0.0 < full["recall"] < 1.0
