@@ -182,6 +182,40 @@ def main() -> None:
     lpips = make_lpips_weights(work / "lpips_vgg16_random.pth")
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     rows, notes, results = [], [], {}
+
+    def write() -> None:
+        """After every preset and slice: an interrupted rehearsal keeps what it measured."""
+        from pipeline.runtime.io import atomic_write_json
+
+        pending = [p for p in presets if p not in results]
+        atomic_write_json(Path(args.out), {
+            "title": "Scale rehearsal: ImageNet presets at their real shapes, two steps per training stage",
+            "command": "python benchmarks/scale_rehearsal.py" + (f" --presets {args.presets}" if args.presets != ",".join(
+                PRIORS) else "") + "".join(f" --prior '{p}'" for p in args.prior),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), "
+                       f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB, no GPU; "
+                       f"{platform.platform()}",
+            "columns": ["preset", "prior", "stage", "seconds", "peak RSS (GiB)", "RSS after release (GiB)"],
+            "rows": rows,
+            "notes": "; ".join(notes + ([f"not run yet: {', '.join(pending)}"] if pending else []) + [
+                f"10 generated classes x {args.per_class} images at 256 px; tokenizer and prior 2 steps at batch 2; "
+                f"8 samples; random LPIPS/Inception weights; 'whole run' peak = the largest stage peak of the one "
+                f"process"]),
+            "results": results,
+        })
+
+    # The slices first: minutes, and they say whether the largest priors build at all.
+    if not args.no_slices:
+        for name in SLICES:
+            s = results[name] = run_slice(name)
+            if "error" in s:
+                notes.append(f"slice {name} failed: {s['error']}")
+            else:
+                rows.append([f"{name} slice (one fwd+bwd, batch 1)", f"{s['parameters'] / 1e6:.0f}M of "
+                             f"{s['full_parameters'] / 1e9:.2f}B, width {s['width']}, layers {s['layers']}", "-",
+                             fmt(s["seconds"]), fmt(s["peak_rss_gib"]), "-"])
+            print(f"[rehearsal] slice {name}: {s}", flush=True)
+            write()
     for preset in presets:
         print(f"[rehearsal] {preset} ...", flush=True)
         result = results[preset] = run_preset(preset, work, root, lpips)
@@ -194,35 +228,9 @@ def main() -> None:
         if result["error"]:
             notes.append(f"{preset} did not complete: {result['error']} (log: {work / preset}.log)")
         print(f"[rehearsal] {preset}: {result['error'] or 'all six stages done'} in {result['seconds']} s", flush=True)
-    if not args.no_slices:
-        for name in SLICES:
-            s = results[name] = run_slice(name)
-            if "error" in s:
-                notes.append(f"slice {name} failed: {s['error']}")
-                continue
-            rows.append([f"{name} slice (one fwd+bwd, batch 1)", f"{s['parameters'] / 1e6:.0f}M of "
-                         f"{s['full_parameters'] / 1e9:.2f}B, width {s['width']}, layers {s['layers']}", "-",
-                         fmt(s["seconds"]), fmt(s["peak_rss_gib"]), "-"])
-            print(f"[rehearsal] slice {name}: {s}", flush=True)
-    from pipeline.runtime.io import atomic_write_json
-
-    record = {
-        "title": "Scale rehearsal: ImageNet presets at their real shapes, two steps per training stage",
-        "command": "python benchmarks/scale_rehearsal.py" + (f" --presets {args.presets}" if args.presets != ",".join(
-            PRIORS) else "") + "".join(f" --prior {p}" for p in args.prior),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), "
-                   f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB, no GPU; "
-                   f"{platform.platform()}",
-        "columns": ["preset", "prior", "stage", "seconds", "peak RSS (GiB)", "RSS after release (GiB)"],
-        "rows": rows,
-        "notes": "; ".join(notes + [
-            "10 generated classes x %d images at 256 px; tokenizer and prior 2 steps at batch 2; 8 samples; "
-            "random LPIPS/Inception weights; 'whole run' peak = the largest stage peak of the one process" %
-            args.per_class]),
-        "results": results,
-    }
-    atomic_write_json(Path(args.out), record)
-    print(json.dumps({k: record[k] for k in ("rows", "notes")}, indent=1))
+        write()
+    write()
+    print(Path(args.out).read_text())
 
 
 if __name__ == "__main__":
