@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
+from testkit import trace_dq_forward
 from pipeline.config.schema import build_section
 from pipeline.losses import budget_loss
 from pipeline.models.dq import AuthorsPositionEmbedding, DQTokenizer, patch_entropy
@@ -142,23 +143,9 @@ def test_item5_dq_model_loss_weighs_its_coarse_cells(authors):
     coarse copies weigh a quarter, fine cells 1, in the authors' form or in ours (dq_unweighted_vq)."""
     torch.manual_seed(0)
     model = build_tokenizer(_cfg(dq_unweighted_vq=authors), 16).train()
-    seen = {}
-    route, quantize = model.route, model.quantizer.forward
-
-    def spy_route(*args):
-        seen["gate_BHcWc2"] = route(*args)
-        return seen["gate_BHcWc2"]
-
-    def spy_quantize(z, weight_BHW=None):
-        # The codebook as the search sees it: the EMA step after the search moves it.
-        seen["z"], seen["book"] = z.detach().double(), model.quantizer.embed[0].double().clone()
-        return quantize(z, weight_BHW)
-
-    model.route, model.quantizer.forward = spy_route, spy_quantize
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    _, aux = model(images)
-    fine_N = rearrange(repeat(seen["gate_BHcWc2"][..., 1].detach(), "b h w -> b (h p) (w q)", p=2, q=2),
-                       "b h w -> (b h w)") == 1
+    seen, aux = trace_dq_forward(model, images)
+    fine_N = rearrange(seen["fine_BHW"], "b h w -> (b h w)")
     assert 0 < fine_N.double().mean() < 1  # both kinds of region, so the weights matter
     w_N = torch.where(fine_N, 1.0, 0.25).double()
     z_NC = rearrange(seen["z"], "b c h w -> (b h w) c")

@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import torch
 
+from testkit import trace_dq_forward
 from pipeline.config.schema import ConfigError, build_section
 from pipeline.losses import budget_loss
 from pipeline.models.dq import DQCodes, DQTokenizer, calibrate_entropy_threshold, patch_entropy
@@ -174,20 +175,8 @@ def test_dq_coarse_cells_weigh_coarse_vq_weight_in_vq_loss(coarse_weight):
     quantizer, each cell of a fine region 1: checked cell by cell against the router's own gates."""
     torch.manual_seed(0)
     model = build_tokenizer(_tiny_dq(coarse_vq_weight=coarse_weight), 16).train()
-    seen = {}
-    route, quantize = model.route, model.quantizer.forward
-
-    def spy_route(*args):
-        seen["gate_BHcWc2"] = route(*args)
-        return seen["gate_BHcWc2"]
-
-    def spy_quantize(z, weight_BHW=None):
-        seen["w"] = weight_BHW
-        return quantize(z, weight_BHW)
-
-    model.route, model.quantizer.forward = spy_route, spy_quantize
-    model(structured_images(2, 16))
-    fine_BHW = seen["gate_BHcWc2"][..., 1].detach().repeat_interleave(2, 1).repeat_interleave(2, 2) == 1
+    seen, _ = trace_dq_forward(model, structured_images(2, 16))
+    fine_BHW = seen["fine_BHW"]
     assert 0 < fine_BHW.float().mean() < 1  # both kinds of region occur, so the map below says something
     expected_BHW = torch.where(fine_BHW, 1.0, coarse_weight)
     torch.testing.assert_close(seen["w"], expected_BHW, rtol=0, atol=1e-7)
