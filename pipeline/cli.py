@@ -10,6 +10,7 @@
     tessera estimate CONFIG [--world-size N] [--gpu-memory-gb G] [key=value ...]
     tessera score --samples X.npz --ref REF.npz [--out DIR] [--metrics fid,isc,kid,prc] [--inception-weights P]
     tessera import rq-official --stage1 DIR [--stage2 DIR] --run-dir RUN_DIR [--config CONFIG] [--ema] [--force] [k=v ...]
+    tessera --version
 """
 from __future__ import annotations
 
