@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.io import atomic_write_text  # noqa: E402  (standard library only)
+from pipeline.runtime.io import atomic_write_text  # noqa: E402  (standard library only)
 
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_ORDER = 100

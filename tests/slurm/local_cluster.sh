@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster on this machine, for the launcher tests (tests/test_slurm_*.py).
+# A one-node SLURM cluster on this machine, for the launcher tests (tests/e2e/test_slurm_*.py).
 #
 #   tests/slurm/local_cluster.sh start    install (Debian packages) and start munge, slurmctld, slurmd
 #   tests/slurm/local_cluster.sh stop     stop the daemons this script started
