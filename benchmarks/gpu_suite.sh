@@ -6,8 +6,8 @@
 # Usage: benchmarks/gpu_suite.sh [OUT_DIR]
 #   OUT_DIR: the first argument, else $OUT, else ./gpu_suite_out. It receives one log per part,
 #   env.txt (nvidia-smi, torch / CUDA versions, commit), pytest_gpu.xml (JUnit) and summary.txt,
-#   and the benchmarks' result files (*.json): copy them into benchmarks/results/ and run
-#   `python benchmarks/report.py --write BENCHMARKS.md` to put them in the report.
+#   and the benchmarks' result files (*.json, with the PNGs beside them): copy those into
+#   benchmarks/results/ and run `python benchmarks/report.py --write BENCHMARKS.md`.
 # Environment: PYTHON (default: .venv/bin/python if present, else python3); SUITE_BUDGET_S (total
 #   seconds for all parts, default 540); TIMEOUT_<PART> overrides one part's limit (seconds).
 # Exit status: 0 when every part passed, or when there is no CUDA device (then nothing runs and

@@ -110,7 +110,10 @@ def plot(results: dict, path: Path) -> None:
 
 
 def section(results: dict, command: str, machine: str, image: Path) -> dict:
-    """The BENCHMARKS.md section of one device's rows, with the RQ / raster ratio per batch."""
+    """The BENCHMARKS.md section of one device's rows, with the RQ / raster ratio per batch.
+
+    The plot is referred to where it belongs, beside the result file in benchmarks/results/, even when
+    the run wrote both elsewhere (gpu_suite.sh writes to its OUT_DIR: copy the PNG with the JSON)."""
     rows = results["rows"]
     table = [[r["model"], f"{r['params'] / 1e6:.1f}M", r["codes"], r["batch"], "on" if r["kv_cache"] else "off",
               f"{r['images_per_s']:.3g}"] for r in rows]
@@ -132,7 +135,7 @@ def section(results: dict, command: str, machine: str, image: Path) -> dict:
         "machine": machine,
         "tables": [{"columns": ["model", "params", "codes", "batch", "KV cache", "images/s"], "rows": table},
                    {"caption": "RQ over raster, KV cache on:", "columns": ["batch", "speed-up"], "rows": ratios}],
-        "images": [{"path": str(image.relative_to(REPO)) if image.is_relative_to(REPO) else str(image),
+        "images": [{"path": str((RESULTS / image.name).relative_to(REPO)),
                     "alt": f"Sampling speed on {device}: RQ vs raster, KV cache on and off"}],
         "data": results,
     }
