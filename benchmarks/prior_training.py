@@ -139,11 +139,11 @@ def backend_context(name: str, model):
 
 def run_step_mode(args) -> list[dict]:
     from pipeline.config.schema import build_section
-    from pipeline.runtime.dist import detect_env
+    from pipeline.config.sections import PriorTrainConfig
     from pipeline.losses.prior_loss import rq_prior_loss
     from pipeline.models.prior_config import CodeSpec, PriorConfig
     from pipeline.models.registry import build_prior
-    from pipeline.config.sections import PriorTrainConfig
+    from pipeline.runtime.dist import detect_env
     from pipeline.train.engine import make_engine
     from pipeline.train.prior_engine import decay_groups, prior_deepspeed_config
     from pipeline.train.schedule import warmup_cosine
