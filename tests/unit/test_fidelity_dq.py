@@ -1,4 +1,4 @@
-"""Issue 12, DQ-VAE items 3-7: our default against float64 re-derivations of the authors' formulas
+"""DQ-VAE items 3-7 of docs/fidelity.md: our default against float64 re-derivations of the authors' formulas
 (CrossmodalGroup/DynamicVectorQuantization: EncoderDual, budget, quantize2_mask, RouterDual,
 DecoderPositional / fourier_embedding, dqvae_dual_entropy's Entropy), written from the formulas.
 """
