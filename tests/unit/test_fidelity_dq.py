@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
-
 from testkit import trace_dq_forward
+
 from pipeline.config.schema import build_section
 from pipeline.losses import budget_loss
 from pipeline.models.dq import AuthorsPositionEmbedding, DQTokenizer, patch_entropy

@@ -3,8 +3,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from testkit import trace_dq_forward
+
 from pipeline.config.schema import ConfigError, build_section
 from pipeline.losses import budget_loss
 from pipeline.models.dq import DQCodes, DQTokenizer, calibrate_entropy_threshold, patch_entropy
