@@ -17,7 +17,7 @@ from pipeline.models.prior_config import CodeSpec
 from pipeline.models.registry import build_prior
 from pipeline.runtime.dist import device_for, init_distributed
 from pipeline.train.engine import make_engine
-from pipeline.train.prior_engine import make_prior_optimizer, prior_deepspeed_config
+from pipeline.train.prior_deepspeed import make_prior_optimizer, prior_deepspeed_config
 from pipeline.train.schedule import warmup_cosine
 
 SPEC = CodeSpec("rq", codebook_size=32, code_dim=8, height=4, width=4, depth=2)

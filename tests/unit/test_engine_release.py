@@ -8,7 +8,7 @@ import torch
 from pipeline.config.root import load_config
 from pipeline.runtime.dist import DistEnv
 from pipeline.train.engine import make_engine
-from pipeline.train.prior_engine import make_prior_optimizer, prior_deepspeed_config
+from pipeline.train.prior_deepspeed import make_prior_optimizer, prior_deepspeed_config
 from pipeline.train.schedule import warmup_cosine
 
 
