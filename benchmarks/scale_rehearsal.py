@@ -12,14 +12,14 @@ data (10 generated classes, a few images each), the step counts and batch sizes 
 VGG16 weights and the Inception (seeded random: none can be downloaded here) and the sample count.
 Each preset runs `tessera run` in its own process; the seconds of a stage come from its
 done.json, its peak RSS from `tessera run`'s per-stage line (the peak is reset at every stage).
-Results: benchmarks/results/scale_rehearsal.json (docs/rehearsal.md explains how to read them).
+Results: benchmarks/results/scale_rehearsal.json, a section of BENCHMARKS.md (benchmarks/report.py;
+docs/rehearsal.md explains how to read it).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -28,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 STAGES = ("shard", "train_tokenizer", "precompute_codes", "train_prior", "sample", "score")
 # The prior each preset rehearses with: the largest of its family whose fp32 training state fits a
@@ -155,8 +156,54 @@ def slice_forward_backward(name: str) -> dict:
             "peak_rss_gib": round(peak_rss_bytes() / GIB, 2)}
 
 
-def fmt(value) -> str:
-    return "-" if value is None else f"{value}"
+def section(results: dict, presets: list[str], command: str, per_class: int) -> dict:
+    """The BENCHMARKS.md section (benchmarks/README.md's schema) of what has been measured so far."""
+    from report import describe_machine
+
+    rows, slices, failed = [], [], []
+    for preset in presets:
+        if preset not in results:
+            continue
+        r = results[preset]
+        for stage, s in r["stages"].items():
+            rows.append([preset, stage, s["seconds"], s["peak_rss_gib"], s["rss_after_release_gib"]])
+        known = [s["peak_rss_gib"] for s in r["stages"].values() if s["peak_rss_gib"] is not None]
+        rows.append([preset, "whole run", r["seconds"], max(known, default=None), None])
+        if r["error"]:
+            failed.append(f"{preset}: {r['error']}")
+    for name in SLICES:
+        s = results.get(name)
+        if s is None:
+            continue
+        if "error" in s:
+            failed.append(f"slice {name}: {s['error']}")
+            continue
+        slices.append([name, s["width"], s["layers"], s["parameters"], s["full_parameters"], s["loss"], s["seconds"],
+                       s["peak_rss_gib"]])
+    pending = [p for p in presets if p not in results]
+    priors = "; ".join(f"{p}: {PRIORS[p][1]}" for p in presets)
+    reading = (f"{len(presets) - len(pending) - len([f for f in failed if not f.startswith('slice')])} of "
+               f"{len(presets)} presets ran all six stages" + (f"; not run: {', '.join(pending)}" if pending else "")
+               + (f"; failed: {' | '.join(failed)}" if failed else "") + ".")
+    return {
+        "title": "Scale rehearsal: the ImageNet presets at their real shapes",
+        "measures": ("Seconds and peak RSS per stage of `tessera run` on each ImageNet preset with its real tokenizer "
+                     "and codebook and a full-width prior, two steps per training stage, on a generated 256 px "
+                     "ImageFolder; and one forward+backward of full-width slices of rq-1.4b and rq-3.8b."),
+        "command": command,
+        "machine": describe_machine("cpu") + " (2 cores shared with other jobs: seconds are upper bounds)",
+        "tables": [
+            {"caption": f"Priors: {priors}. 10 classes x {per_class} images; 8 samples; random LPIPS/Inception "
+                        f"weights. The whole run's peak is its largest stage's (memory released between stages).",
+             "columns": ["preset", "stage", "seconds", "peak RSS (GiB)", "RSS after release (GiB)"], "rows": rows},
+            {"caption": "Full-width slices, one forward + backward at batch 1, fp32, in a fresh process",
+             "columns": ["prior", "width", "layers", "parameters", "full model", "loss", "seconds", "peak RSS (GiB)"],
+             "rows": slices},
+        ],
+        "reading": reading,
+        "order": 70,
+        "data": results,
+    }
 
 
 def main() -> None:
@@ -173,6 +220,8 @@ def main() -> None:
     if args.slice:
         print(json.dumps(slice_forward_backward(args.slice)))
         return
+    from report import command_line, write_section
+
     for item in args.prior:
         preset, _, overrides = item.partition("=")
         PRIORS[preset] = (overrides.split(), overrides)
@@ -181,56 +230,23 @@ def main() -> None:
     root = make_image_folder(work / f"imagefolder256_{args.per_class}", per_class=args.per_class)
     lpips = make_lpips_weights(work / "lpips_vgg16_random.pth")
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
-    rows, notes, results = [], [], {}
+    command = command_line("benchmarks/scale_rehearsal.py")
+    results: dict = {}
 
-    def write() -> None:
-        """After every preset and slice: an interrupted rehearsal keeps what it measured."""
-        from pipeline.runtime.io import atomic_write_json
+    def write() -> None:  # after every preset and slice: an interrupted rehearsal keeps what it measured
+        write_section(Path(args.out), section(results, presets, command, args.per_class))
 
-        pending = [p for p in presets if p not in results]
-        atomic_write_json(Path(args.out), {
-            "title": "Scale rehearsal: ImageNet presets at their real shapes, two steps per training stage",
-            "command": "python benchmarks/scale_rehearsal.py" + (f" --presets {args.presets}" if args.presets != ",".join(
-                PRIORS) else "") + "".join(f" --prior '{p}'" for p in args.prior),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), "
-                       f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB, no GPU; "
-                       f"{platform.platform()}",
-            "columns": ["preset", "prior", "stage", "seconds", "peak RSS (GiB)", "RSS after release (GiB)"],
-            "rows": rows,
-            "notes": "; ".join(notes + ([f"not run yet: {', '.join(pending)}"] if pending else []) + [
-                f"10 generated classes x {args.per_class} images at 256 px; tokenizer and prior 2 steps at batch 2; "
-                f"8 samples; random LPIPS/Inception weights; 'whole run' peak = the largest stage peak of the one "
-                f"process"]),
-            "results": results,
-        })
-
-    # The slices first: minutes, and they say whether the largest priors build at all.
-    if not args.no_slices:
+    if not args.no_slices:  # first: minutes, and they say whether the largest priors build at all
         for name in SLICES:
-            s = results[name] = run_slice(name)
-            if "error" in s:
-                notes.append(f"slice {name} failed: {s['error']}")
-            else:
-                rows.append([f"{name} slice (one fwd+bwd, batch 1)", f"{s['parameters'] / 1e6:.0f}M of "
-                             f"{s['full_parameters'] / 1e9:.2f}B, width {s['width']}, layers {s['layers']}", "-",
-                             fmt(s["seconds"]), fmt(s["peak_rss_gib"]), "-"])
-            print(f"[rehearsal] slice {name}: {s}", flush=True)
+            results[name] = run_slice(name)
+            print(f"[rehearsal] slice {name}: {results[name]}", flush=True)
             write()
     for preset in presets:
         print(f"[rehearsal] {preset} ...", flush=True)
-        result = results[preset] = run_preset(preset, work, root, lpips)
-        for stage, s in result["stages"].items():
-            rows.append([preset, result["prior"], stage, fmt(s["seconds"]), fmt(s["peak_rss_gib"]),
-                         fmt(s["rss_after_release_gib"])])
-        known = [s["peak_rss_gib"] for s in result["stages"].values() if s["peak_rss_gib"] is not None]
-        rows.append([preset, result["prior"], "whole run", fmt(result["seconds"]), fmt(max(known, default=None)),
-                     "-"])
-        if result["error"]:
-            notes.append(f"{preset} did not complete: {result['error']} (log: {work / preset}.log)")
-        print(f"[rehearsal] {preset}: {result['error'] or 'all six stages done'} in {result['seconds']} s", flush=True)
+        results[preset] = run_preset(preset, work, root, lpips)
+        print(f"[rehearsal] {preset}: {results[preset]['error'] or 'all six stages done'} in "
+              f"{results[preset]['seconds']} s", flush=True)
         write()
-    write()
-    print(Path(args.out).read_text())
 
 
 if __name__ == "__main__":

@@ -4,14 +4,13 @@ features (synthetic, seeded), FID + KID + precision/recall as the score stage co
 
     python benchmarks/score_memory.py [--num 50000] [--dim 2048] [--device cpu]
 
-Writes benchmarks/results/score_memory_<device>.json. The Inception forward passes are not
-included (their memory does not depend on N: batches of score.batch_size images).
+Writes benchmarks/results/score_memory_<device>.json, a section of BENCHMARKS.md
+(benchmarks/report.py). The Inception forward passes are not included (their memory does not
+depend on N: batches of score.batch_size images).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -19,11 +18,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline.config.root import load_config  # noqa: E402
 from pipeline.evaluation.scoring import compute_metrics, statistics  # noqa: E402
-from pipeline.runtime.io import atomic_write_json  # noqa: E402
 from pipeline.runtime.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss  # noqa: E402
+
+from report import RESULTS, command_line, describe_machine, write_section  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -51,19 +52,23 @@ def main() -> None:
         print(rows[-1], flush=True)
     limit = load_config("configs/imagenet256-rq.yaml", []).launcher.score.mem_gb
     peak = max(r[2] for r in rows)
-    result = {
-        "title": f"Score metrics at {args.num:,} vs {args.num:,} features (dim {args.dim}), {args.device}",
-        "command": f"python benchmarks/score_memory.py --num {args.num} --dim {args.dim} --device {args.device}",
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), {platform.platform()}",
-        "columns": ["metric", "seconds", "peak RSS so far (GiB)", "values"],
-        "rows": rows,
-        "notes": (f"process RSS before the metrics (features of both sets loaded): {baseline / GIB:.2f} GiB; "
-                  f"peak {peak:.2f} GiB vs launcher.score.mem_gb={limit} (imagenet256-rq.yaml): "
-                  f"{'fits' if peak < limit else 'DOES NOT FIT'}. Synthetic Gaussian features, seeded."),
+    section = {
+        "title": f"Score stage memory: {args.num:,} vs {args.num:,} features ({args.device})",
+        "measures": ("Peak resident memory of the score stage's FID, KID and precision/recall (blocked, "
+                     "~1 GiB of distances at a time) on synthetic seeded features, against the ImageNet "
+                     "preset's launcher.score.mem_gb."),
+        "command": command_line("benchmarks/score_memory.py"),
+        "machine": describe_machine(args.device, torch.get_num_threads()) + " (shared with other jobs)",
+        "tables": [{"columns": ["metric", "seconds", "peak RSS so far (GiB)", "values"],
+                    "rows": [[m, sec, rss, ", ".join(f"{k}={v}" for k, v in values.items())]
+                             for m, sec, rss, values in rows]}],
+        "reading": (f"Peak {peak:.2f} GiB (features of both sets loaded: {baseline / GIB:.2f} GiB) against "
+                    f"launcher.score.mem_gb={limit}: {'fits' if peak < limit else 'DOES NOT FIT'}."),
+        "order": 75,
+        "data": {"num": args.num, "dim": args.dim, "peak_gib": peak, "baseline_gib": baseline / GIB,
+                 "mem_gb": limit},
     }
-    out = Path(args.out or Path(__file__).parent / "results" / f"score_memory_{args.device}.json")
-    atomic_write_json(out, result)
-    print(json.dumps(result, indent=1))
+    write_section(Path(args.out) if args.out else RESULTS / f"score_memory_{args.device}.json", section)
 
 
 if __name__ == "__main__":
