@@ -64,7 +64,8 @@ def run_setup(env, device, zero_stage: int, offload: str, checkpointing: bool) -
     stepping = getattr(engine.wrapped.optimizer, "optimizer", engine.wrapped.optimizer)  # inside ZeRO's wrapper
     return {"zero_stage": zero_stage, "offload": offload, "checkpointing": checkpointing, "losses": losses,
             "optimizer": type(stepping).__name__, "group_decays": [g["weight_decay"] for g in stepping.param_groups],
-            "exported_keys": sorted(after), "state_keys": sorted(before), "shapes_match": all(after[k].shape == before[k].shape for k in before),
+            "exported_keys": sorted(after), "state_keys": sorted(before),
+            "shapes_match": all(after[k].shape == before[k].shape for k in before),
             "changed": changed, "parameters": sorted(n for n, _ in model.named_parameters())}
 
 
