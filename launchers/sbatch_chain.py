@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         config = str(Path(args.config).resolve())
         run_dir = Path(args.run_dir).resolve()
         stages = select_stages(args.stages, available_stages())
-        preflight(cfg, stages)
+        preflight(cfg, stages, run_dir=run_dir)
         specs, done = build_graph(cfg, run_dir, stages)
     except ConfigError as err:
         print(f"tessera: error: {err}", file=sys.stderr)

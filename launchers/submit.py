@@ -81,7 +81,7 @@ def submit(config: str, overrides: list[str], run_dir: str | None, stages: str |
     run_path = (Path(run_dir) if run_dir else Path("runs") / cfg.name).resolve()
     config_path = str(Path(config).resolve())  # the jobs start in the repository, not necessarily here
     selected = select_stages(stages, available_stages())
-    preflight(cfg, selected)
+    preflight(cfg, selected, run_dir=run_path)
     specs, done = build_graph(cfg, run_path, selected)
     for stage in done:
         print(f"[tessera] {stage}: done already; not submitted")

@@ -169,8 +169,8 @@ def cmd_run(args) -> int:
         stages = [s for s in STAGE_NAMES if s in stages]  # always in pipeline order
     else:
         stages = implemented
-    preflight(cfg, stages)  # every stage's config checks before the first stage starts
     run_dir = _run_dir(args, cfg)
+    preflight(cfg, stages, run_dir=run_dir, force=args.force)  # every stage's checks before the first starts
     for name in stages:
         reset_peak_rss()
         outcome = run_stage(name, cfg, run_dir, force=args.force)

@@ -159,16 +159,19 @@ def verify_stage(name: str, run: RunDir) -> None:
         verify(stage_dir)
 
 
-def preflight(cfg: Config, names: list[str], *, external_files: bool = True) -> None:
+def preflight(cfg: Config, names: list[str], *, run_dir: str | Path | None = None, force: bool = False,
+              external_files: bool = True) -> None:
     """Check the whole config for every stage about to run, before the first one starts (a model
     that cannot be built for this resolution, or a missing weights file, must not surface after
-    hours of sharding)."""
+    hours of sharding). Outside files are checked for the stages that will run: not for one already
+    finished in `run_dir` (it is skipped, or refused if its config changed) unless `force`."""
     for name in names:
         check = getattr(load_stage_module(name), "check_config", None)
         if check is not None:
             check(cfg)
     if external_files:
-        check_external_files(cfg, names)
+        run = RunDir(run_dir) if run_dir is not None and not force else None
+        check_external_files(cfg, [n for n in names if run is None or run.read_done(n) is None])
 
 
 def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = False, num_tasks: int = 1,
@@ -179,7 +182,7 @@ def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = Fals
     produces a stage's outputs from foreign checkpoints through the same lock and records."""
     imported = module is not None  # its outputs come from foreign files, not from the config's inputs
     module = load_stage_module(name) if module is None else module
-    preflight(cfg, [name], external_files=not imported)
+    preflight(cfg, [name], run_dir=run_dir, force=force, external_files=not imported)
     if not 0 <= task_id < num_tasks:
         raise StageError(f"--task-id {task_id} must be in [0, {num_tasks}) for --num-tasks {num_tasks}")
     run = RunDir(run_dir)

@@ -70,3 +70,19 @@ def test_a_root_without_class_folders_and_an_unreadable_file_are_named(tmp_path,
     secret.chmod(0)
     with pytest.raises(ConfigError, match=f"score.reference: {secret}: cannot be read"):
         check_external_files(imagenet(tmp_path, f"score.reference={secret}"), ["score"])
+
+
+def test_a_finished_stage_needs_its_files_no_more(tmp_path, repo_root, monkeypatch):
+    """An imported or finished train_tokenizer is skipped: its LPIPS weights may be gone (not with --force)."""
+    from pipeline.runner.rundir import RunDir
+    from pipeline.runner.stage import preflight
+
+    monkeypatch.chdir(repo_root)
+    cfg = imagenet(tmp_path, "tokenizer.lpips_weights=/nowhere/lpips.pth")
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(ConfigError, match="tokenizer.lpips_weights"):
+        preflight(cfg, ["train_tokenizer", "precompute_codes"], run_dir=run.root)
+    run.write_done("train_tokenizer", {"stage": "train_tokenizer"})
+    preflight(cfg, ["train_tokenizer", "precompute_codes"], run_dir=run.root)
+    with pytest.raises(ConfigError, match="tokenizer.lpips_weights"):
+        preflight(cfg, ["train_tokenizer"], run_dir=run.root, force=True)
