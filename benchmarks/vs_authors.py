@@ -157,10 +157,11 @@ def train_parity(their, ours, x) -> None:
     recon, aux = ours(x)
     loss_ours = F.mse_loss(recon, x) + aux.quant_loss
     loss_theirs.backward(), loss_ours.backward()
+    loss_theirs, loss_ours = float(loss_theirs.detach()), float(loss_ours.detach())
     g_theirs, g_ours = their.encoder.conv_in.weight.grad, ours.encoder.trunk.conv_in.weight.grad
     rel = max_diff(g_theirs, g_ours) / float(g_theirs.abs().max())
-    check("rqvae train step", abs(float(loss_theirs) - float(loss_ours)) < 1e-5 and rel < 1e-3,
-          f"loss {float(loss_theirs):.6f} vs {float(loss_ours):.6f}, conv_in grad rel. diff {rel:.1e}")
+    check("rqvae train step", abs(loss_theirs - loss_ours) < 1e-5 and rel < 1e-3,
+          f"loss {loss_theirs:.6f} vs {loss_ours:.6f}, conv_in grad rel. diff {rel:.1e}")
 
 
 # ---- RQ-Transformer ----------------------------------------------------------------------
@@ -260,18 +261,24 @@ def main() -> None:
             rows += rqvae_rows(args.repeats, Path(tmp), args.bf16)
         if "prior" in groups:
             rows += prior_rows(args.repeats)
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-                         f"{torch.__version__}, {args.threads} threads",
-              "command": " ".join(["python", *sys.argv]), "load_before": load_before, "load_after": load_average(),
-              "repeats": args.repeats, "rows": rows, "dq": dq_status(args.dq_repo)}
+    run = {"command": " ".join(["python", *sys.argv]), "load_before": load_before, "load_after": load_average(),
+           "repeats": args.repeats, "threads": args.threads}
+    for r in rows:
+        r["run"] = run
     out = Path(args.out)
+    # Rows of groups not run this time are kept from the previous file (one group can be re-measured
+    # when the machine is quiet without redoing the others).
+    kept = json.loads(out.read_text())["rows"] if out.is_file() else []
+    rows = [r for r in kept if r["key"] not in {n["key"] for n in rows}] + rows
+    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+                         f"{torch.__version__}", "rows": rows, "dq": dq_status(args.dq_repo)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(result, indent=2) + "\n")
     tmp_out.replace(out)
     print(table(rows))
     print(f"DQ tokenizer encode: {result['dq']}")
-    print(f"load average before {load_before}, after {result['load_after']}; wrote {out}")
+    print(f"load average before {load_before}, after {run['load_after']}; wrote {out}")
 
 
 if __name__ == "__main__":
