@@ -141,7 +141,7 @@ def rqvae_bf16_rows(their, ours, x, codes_theirs, rec_theirs, repeats) -> list[d
                                              f"to fp32)", t, "s", exact=False))
         err = max_diff(bf16(lambda: ours.decode(codes_theirs))(), rec_theirs)
         t = time_pair(lambda: their.decode_code(codes_theirs), bf16(lambda: ours.decode(codes_theirs)), repeats)
-        rows.append(row("rqvae_decode_bf16", f"RQ-VAE decode, Tessera precision=bf16 (max |diff| {err:.2f} on "
+        rows.append(row("rqvae_decode_bf16", f"RQ-VAE decode, Tessera precision=bf16 (max abs diff {err:.2f} on "
                                              f"[-1, 1] pixels)", t, "s", exact=False))
     return rows
 
