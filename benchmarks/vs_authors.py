@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import authors_models as theirs_lib  # noqa: E402
+import report  # noqa: E402
 from pipeline.generation.sampling import SamplingOptions  # noqa: E402
 from pipeline.generation.rq_sampler import sample_rq  # noqa: E402
 from pipeline.importers.rq_official import convert_stage1, read_stage1_config  # noqa: E402
@@ -261,25 +261,40 @@ def main() -> None:
             rows += rqvae_rows(args.repeats, Path(tmp), args.bf16)
         if "prior" in groups:
             rows += prior_rows(args.repeats)
-    run = {"command": " ".join(["python", *sys.argv]), "load_before": load_before, "load_after": load_average(),
-           "repeats": args.repeats, "threads": args.threads}
+    run = {"command": report.command_line("benchmarks/vs_authors.py"), "load_before": load_before,
+           "load_after": load_average(), "repeats": args.repeats, "threads": args.threads}
     for r in rows:
         r["run"] = run
     out = Path(args.out)
     # Rows of groups not run this time are kept from the previous file (one group can be re-measured
     # when the machine is quiet without redoing the others).
-    kept = json.loads(out.read_text())["rows"] if out.is_file() else []
+    kept = json.loads(out.read_text()).get("data", {}).get("rows", []) if out.is_file() else []
     rows = [r for r in kept if r["key"] not in {n["key"] for n in rows}] + rows
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-                         f"{torch.__version__}", "rows": rows, "dq": dq_status(args.dq_repo)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_out.replace(out)
+    report.write_section(out, section(rows, run, dq_status(args.dq_repo)))
     print(table(rows))
-    print(f"DQ tokenizer encode: {result['dq']}")
+    print(f"DQ tokenizer encode: {dq_status(args.dq_repo)}")
     print(f"load average before {load_before}, after {run['load_after']}; wrote {out}")
 
+
+def section(rows: list[dict], run: dict, dq: str) -> dict:
+    """The BENCHMARKS.md section (benchmarks/README.md: schema); reading and text are kept from the
+    file it replaces."""
+    cells = []
+    for r in rows:
+        if r["unit"] == "img/s":
+            a, t = f"{r['authors']:.2f} img/s", f"{r['tessera']:.2f} img/s"
+        else:
+            a, t = f"{r['authors_s']:.3f} s", f"{r['tessera_s']:.3f} s"
+        cells.append([r["work"], a, t, f"{r['speedup']:.2f}x", "yes" if r.get("same_numerics", True) else "no"])
+    return {"title": "Versus the authors' code", "order": 45,
+            "measures": "Tessera against kakaobrain/rq-vae-transformer on the same random weights and inputs "
+                        "(theirs built by their code, ours through Tessera's importers), after checking that "
+                        "both compute the same thing; median of alternated rounds after a warm-up.",
+            "command": run["command"],
+            "machine": f"{report.describe_machine('cpu', run['threads'])}; shared with other jobs, load average "
+                       f"{run['load_before'][0]} before and {run['load_after'][0]} after",
+            "tables": [{"columns": ["work", "authors", "Tessera", "ratio", "same numerics"], "rows": cells}],
+            "data": {"rows": rows, "dq": dq}}
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster on this machine, for the launcher tests (tests/test_slurm_*.py).
+# A one-node SLURM cluster on this machine, for the launcher tests (tests/e2e/test_slurm_*.py).
 #
 #   tests/slurm/local_cluster.sh start    install (Debian packages) and start munge, slurmctld, slurmd
 #   tests/slurm/local_cluster.sh stop     stop the daemons this script started
@@ -7,7 +7,7 @@
 #
 # Idempotent: `start` on a running cluster returns at once. Needs root (apt-get, /etc/slurm).
 # No accounting (slurmdbd): `tessera status` reads job states from squeue / scontrol, which is
-# enough here. Pitfalls (../shared/notes/ENVIRONMENT.md): munged refuses to run as root, and
+# enough here. Pitfalls: munged refuses to run as root, and
 # requeued jobs wait for the credential to expire (cred_expire=10 keeps that to seconds).
 set -euo pipefail
 
