@@ -145,7 +145,7 @@ def run_step_mode(args) -> list[dict]:
     from pipeline.models.registry import build_prior
     from pipeline.runtime.dist import detect_env
     from pipeline.train.engine import make_engine
-    from pipeline.train.prior_engine import decay_groups, prior_deepspeed_config
+    from pipeline.train.prior_deepspeed import decay_groups, prior_deepspeed_config
     from pipeline.train.schedule import warmup_cosine
     from pipeline.train.throughput import device_peak_flops, prior_flops_per_sample
 

@@ -195,7 +195,7 @@ def cmd_status(args) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory not found: {run_dir}")
-    from launchers.jobs import stage_job_column
+    from launchers.job_records import stage_job_column
 
     print(format_status(run_dir, jobs=stage_job_column(run_dir)))
     return 0
@@ -209,7 +209,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from launchers.jobs import cancel, latest_jobs
+    from launchers.job_records import cancel, latest_jobs
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

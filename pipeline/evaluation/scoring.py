@@ -18,7 +18,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from ..data.sample_shards import iter_npz_images, read_npz_header
+from ..generation.sample_files import iter_npz_images, read_npz_header
 from ..runtime.errors import StageError
 from .inception import UNCALIBRATED, inception_features
 from ..runtime.io import atomic_path
