@@ -103,7 +103,7 @@ def run_preset(preset: str, work: Path, root: Path, lpips: Path) -> dict:
                              "OMP_NUM_THREADS", "2")})
     seconds = time.perf_counter() - start
     (work / f"{preset}.log").write_text(out.stdout + "\n" + out.stderr)
-    peaks = {m[1]: (float(m[3]), float(m[4])) for m in STAGE_LINE.findall(out.stdout)}
+    peaks = {stage: (float(peak), float(after)) for stage, _, peak, after in STAGE_LINE.findall(out.stdout)}
     stages = {}
     for stage in STAGES:
         done = run_dir / stage / "done.json"
