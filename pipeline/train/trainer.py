@@ -143,7 +143,7 @@ class Trainer:
         self.on_start(self.resume())
         self._batches = self._endless_batches()
         bar = progress(tc.steps, initial=self.step, desc=self.stage, unit="step", enabled=self.env.is_main)
-        every_min = getattr(tc, "checkpoint_every_min", 0.0)
+        every_min = getattr(tc, "checkpoint_every_min", 0.0)  # a prior_train key; the tokenizer has none
         last_save = time.monotonic()
         while self.step < tc.steps:
             start = time.perf_counter()
