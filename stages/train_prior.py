@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.runner.artifacts import PRIOR_CONFIG, PRIOR_WEIGHTS, TOKENIZER_WEIGHTS, load_tokenizer, save_prior
 from pipeline.config.schema import ConfigError
 from pipeline.data.loaders import CodeLoaders
+from pipeline.models.prior_config import CodeSpec
+from pipeline.models.registry import build_prior, build_tokenizer
+from pipeline.runner.artifacts import PRIOR_CONFIG, PRIOR_WEIGHTS, TOKENIZER_WEIGHTS, load_tokenizer, save_prior
+from pipeline.runner.rundir import RunDir
+from pipeline.runner.stage import StageError, StageResult
 from pipeline.runtime.dist import barrier
 from pipeline.runtime.io import sha256_file
 from pipeline.runtime.logs import tensorboard_writer
-from pipeline.models.prior_config import CodeSpec
-from pipeline.models.registry import build_prior, build_tokenizer
-from pipeline.runner.rundir import RunDir
-from pipeline.runner.stage import StageError, StageResult
 from pipeline.train.prior_trainer import PriorTrainer
 from pipeline.train.signals import PreemptionGuard
 

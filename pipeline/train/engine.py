@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..config.sections import TrainConfig
 from ..runtime.dist import DistEnv, resolve_precision
 from ..runtime.errors import StageError
-from ..config.sections import TrainConfig
 from .checkpoint import load_pt
 
 ENGINES = ("ddp", "deepspeed")

@@ -34,7 +34,7 @@ from ..runtime.progress import progress
 from .checkpoint import CheckpointManager, load_pt, resume_newest
 from .engine import TrainEngine, engine_meta, per_rank_batch
 from .rng import capture_rng_state, restore_rng_state
-from .signals import PreemptionGuard, Preempted
+from .signals import Preempted, PreemptionGuard
 
 
 def client_file(rank: int) -> str:

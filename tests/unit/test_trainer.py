@@ -12,7 +12,7 @@ from pipeline.runtime.dist import DistEnv
 from pipeline.runtime.errors import StageError
 from pipeline.train.engine import make_engine, per_rank_batch
 from pipeline.train.schedule import warmup_cosine
-from pipeline.train.signals import PreemptionGuard, Preempted
+from pipeline.train.signals import Preempted, PreemptionGuard
 from pipeline.train.trainer import Trainer
 
 
