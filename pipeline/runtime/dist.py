@@ -126,3 +126,11 @@ def broadcast_object(obj, src: int = 0):
 
 def device_for(env: DistEnv) -> torch.device:
     return torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """A config's `precision` ("auto", "fp32" or "bf16") as "fp32" or "bf16": auto is bf16 on a
+    GPU (autocast) and fp32 on the CPU."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
