@@ -165,9 +165,12 @@ start_slurmd() {
     name=$(node_name "$i")
     running "$STATE/slurmd-$name.pid" && return 0
     mkdir -p "$STATE/d-$name"
-    # Inside the node's network namespace, with a hostname of its own (a new UTS namespace). nsenter,
-    # not `ip netns exec`: that remounts /sys, hiding the cgroup file system slurmd needs.
-    nsenter --net="/run/netns/tsr-n$i" unshare --uts sh -c 'echo "$1" > /proc/sys/kernel/hostname && exec slurmd -D -N "$1"' \
+    # Inside the node's network namespace, with a hostname (UTS namespace) and a /dev/shm (mount
+    # namespace) of its own, as a real node has: mosaicml-streaming and DeepSpeed name their
+    # shared memory per node, and two nodes sharing one /dev/shm would collide. nsenter, not
+    # `ip netns exec`: that remounts /sys, hiding the cgroup file system slurmd needs.
+    nsenter --net="/run/netns/tsr-n$i" unshare --uts --mount sh -c \
+        'mount -t tmpfs tmpfs /dev/shm && echo "$1" > /proc/sys/kernel/hostname && exec slurmd -D -N "$1"' \
         sh "$name" >>"$STATE/slurmd-$name.out" 2>&1 &
 }
 
