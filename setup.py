@@ -73,7 +73,7 @@ setup(
     include_package_data=True,
     install_requires=CORE_REQUIREMENTS,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["tessera=pipeline.cli:main"]},
+    entry_points={"console_scripts": ["tessera=pipeline.cli.main:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

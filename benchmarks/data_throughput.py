@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config.root import load_config  # noqa: E402
 from pipeline.data.manifest import load_manifest  # noqa: E402
 from pipeline.data.reader import make_image_loader  # noqa: E402
-from pipeline.stage import run_stage  # noqa: E402
+from pipeline.runner.stage import run_stage  # noqa: E402
 
 BATCH = 64
 

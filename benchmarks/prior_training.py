@@ -134,12 +134,12 @@ def backend_context(name: str, model):
 
 
 def run_step_mode(args) -> list[dict]:
-    from pipeline.configschema import build_section
-    from pipeline.dist import detect_env
+    from pipeline.config.schema import build_section
+    from pipeline.runtime.dist import detect_env
     from pipeline.losses.prior_loss import rq_prior_loss
     from pipeline.models.prior_config import CodeSpec, PriorConfig
     from pipeline.models.registry import build_prior
-    from pipeline.sections import PriorTrainConfig
+    from pipeline.config.sections import PriorTrainConfig
     from pipeline.train.engine import make_engine
     from pipeline.train.prior_engine import decay_groups, prior_deepspeed_config
     from pipeline.train.schedule import warmup_cosine

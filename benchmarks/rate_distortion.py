@@ -15,7 +15,7 @@ and the two trivial baselines (from the train_tokenizer stage's own evaluation);
 the run's probe classifier (pipeline/train/classifier.py, trained once on the shared train
 shards) on the reconstructions, beside its accuracy on the originals and on the same-bits
 downsample: whether the codes keep what makes each class, which PSNR does not tell; plus a Frechet
-distance between reconstructions and originals on the val split (pipeline.metrics.frechet_distance,
+distance between reconstructions and originals on the val split (pipeline.evaluation.metrics.frechet_distance,
 the formula FID uses) over the 256-d features of a FIXED, seeded, RANDOMLY INITIALISED 4-layer conv
 net at native resolution (no Inception weights can be downloaded here). That "random-feature FD"
 is only comparable within one results table.
@@ -43,12 +43,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipeline.artifacts import load_tokenizer  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.runner.artifacts import load_tokenizer  # noqa: E402
+from pipeline.config.root import load_config  # noqa: E402
 from pipeline.data.reader import make_image_loader  # noqa: E402
-from pipeline.stage import run_stage  # noqa: E402
+from pipeline.runner.stage import run_stage  # noqa: E402
 from pipeline.train.classifier import classifier_for_run  # noqa: E402
-from pipeline.metrics import (downsample_baseline, downsample_side_for_bits, frechet_distance,  # noqa: E402
+from pipeline.evaluation.metrics import (downsample_baseline, downsample_side_for_bits, frechet_distance,  # noqa: E402
                               mean_colour_baseline, psnr_per_image)
 
 BASE_CONFIG = REPO / "configs" / "demo-rq.yaml"
@@ -405,7 +405,7 @@ def main() -> None:
                    "common_overrides": common_overrides(args)},
         "feature_net": {"description": "random-feature Frechet distance: 4 conv layers 3-32-64-128-256 (3x3, "
                                        "strides 1,2,2,2, ReLU), global average pool, Kaiming-normal init seeded "
-                                       f"{FEATURE_SEED}, untrained; pipeline.metrics.frechet_distance",
+                                       f"{FEATURE_SEED}, untrained; pipeline.evaluation.metrics.frechet_distance",
                         "dim": FEATURE_DIM, "seed": FEATURE_SEED},
         "reference": reference,
         "variants": variants,

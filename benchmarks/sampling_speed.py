@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipeline.configschema import build_section  # noqa: E402
+from pipeline.config.schema import build_section  # noqa: E402
 from pipeline.generation.rq_sampler import sample_rq  # noqa: E402
 from pipeline.generation.sampling import SamplingOptions  # noqa: E402
 from pipeline.models.prior_config import CodeSpec, PriorConfig  # noqa: E402

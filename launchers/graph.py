@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.config import Config
-from pipeline.configschema import ConfigError
-from pipeline.rundir import STAGE_NAMES, RunDir
-from pipeline.stage import load_stage_module
+from pipeline.config.root import Config
+from pipeline.config.schema import ConfigError
+from pipeline.runner.rundir import STAGE_NAMES, RunDir
+from pipeline.runner.stage import load_stage_module
 
 DATA_PARALLEL_STAGES = ("shard", "precompute_codes", "sample")  # units of work: job arrays
 TRAINING_STAGES = ("train_tokenizer", "train_prior")              # one rank per GPU, srun, many nodes

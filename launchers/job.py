@@ -3,7 +3,7 @@
 Why a child process: the stage runs exactly as `tessera stage NAME CONFIG --run-dir D ...` does on
 the command line (same code path, same exit codes, torch imported fresh), while this parent, which
 submitit started, keeps its signal handlers and decides about requeueing. The child inherits the
-SLURM variables of its srun task, so `pipeline/dist.py` finds its rank and the rendezvous host.
+SLURM variables of its srun task, so `pipeline/runtime/dist.py` finds its rank and the rendezvous host.
 
 Preemption and time limits (submitit sends USR2 `launcher.signal_delay_s` before the limit, and on
 `scancel --signal=USR2`): the signal reaches every process of the step, so the child's trainer
@@ -91,7 +91,7 @@ class StageJob(submitit.helpers.Checkpointable):
         env["PYTHONPATH"] = os.pathsep.join([self.repo] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         env["PYTHONUNBUFFERED"] = "1"
         if os.environ.get("SUBMITIT_EXECUTOR") == "local":
-            # No SLURM variables here: give the ranks torchrun's, which pipeline/dist.py reads first.
+            # No SLURM variables here: give the ranks torchrun's, which pipeline/runtime/dist.py reads first.
             job_env = submitit.JobEnvironment()
             if job_env.num_tasks > 1:
                 env.update(RANK=str(job_env.global_rank), WORLD_SIZE=str(job_env.num_tasks),

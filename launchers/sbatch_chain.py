@@ -14,9 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.config import load_config
-from pipeline.configschema import ConfigError
-from pipeline.stage import available_stages, preflight
+from pipeline.config.root import load_config
+from pipeline.config.schema import ConfigError
+from pipeline.runner.stage import available_stages, preflight
 
 from .graph import DATA_PARALLEL_STAGES, JobSpec, build_graph, select_stages
 from .jobs import record_submission, slurm_dir, update_last_submission

@@ -23,9 +23,9 @@ import submitit
 # cluster (SlurmExecutor itself refuses to exist where srun is missing).
 from submitit.slurm.slurm import _make_sbatch_string
 
-from pipeline.config import load_config
-from pipeline.configschema import ConfigError
-from pipeline.stage import available_stages, preflight
+from pipeline.config.root import load_config
+from pipeline.config.schema import ConfigError
+from pipeline.runner.stage import available_stages, preflight
 
 from .graph import JobSpec, build_graph, format_graph, select_stages
 from .job import StageJob

@@ -1,4 +1,4 @@
 """One thin module per pipeline stage; each wires `pipeline` pieces together.
 
-Contract (see pipeline/stage.py): NAME, SECTIONS, input_fingerprints(ctx), run(ctx).
+Contract (see pipeline/runner/stage.py): NAME, SECTIONS, input_fingerprints(ctx), run(ctx).
 """

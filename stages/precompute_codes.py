@@ -5,7 +5,7 @@ MDS code shards under RUN_DIR/precompute_codes/<split>/ plus manifest.json.
 2. Plan: code unit j of a split encodes input shard j of that split; batches never cross a unit
    boundary and always start at its first image, so a unit's bytes do not depend on the number
    of workers. Train images may get extra views (hflip / tencrop); val keeps the plain view.
-3. Work: worker w of W (array tasks x ranks) encodes units w, w+W, ... (pipeline.units), keeping
+3. Work: worker w of W (array tasks x ranks) encodes units w, w+W, ... (pipeline.runner.units), keeping
    units an earlier attempt finished.
 4. Finish: the task that finds every unit present decodes a seeded sample of stored codes, checks
    them against a fresh encode, and writes manifest.json last (under torchrun: rank 0).
@@ -20,18 +20,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.artifacts import TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, load_tokenizer
-from pipeline.configschema import ConfigError
+from pipeline.runner.artifacts import TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, load_tokenizer
+from pipeline.config.schema import ConfigError
 from pipeline.data.codes_writer import VIEW_NAMES, CodeEncoder, CodeLayout, UnitStats, make_views, write_code_unit
 from pipeline.data.manifest import verify_shards
 from pipeline.data.reader import ShardedImageDataset, indexes_urls
 from pipeline.data.stream_reader import shard_batches
-from pipeline.io import atomic_write_json, json_bytes, read_json, sha256_file, sha256_json
-from pipeline.metrics import psnr_per_image
+from pipeline.runtime.io import atomic_write_json, json_bytes, read_json, sha256_file, sha256_json
+from pipeline.evaluation.metrics import psnr_per_image
 from pipeline.models.dq_order import dq_codes_from_tokens
-from pipeline.rundir import RunDir
-from pipeline.stage import StageContext, StageError, StageResult
-from pipeline.units import MANIFEST_NAME, Unit, UnitWork, publish_unit
+from pipeline.runner.rundir import RunDir
+from pipeline.runner.stage import StageContext, StageError, StageResult
+from pipeline.runner.units import MANIFEST_NAME, Unit, UnitWork, publish_unit
 
 NAME = "precompute_codes"
 SECTIONS = ("data", "tokenizer", "tokenizer_train", "precompute")

@@ -7,7 +7,7 @@
    all its randomness from a generator seeded by (seed, i). Batches never cross a chunk and
    start at its first sample, so a chunk's bytes do not depend on the launch.
 3. Work: worker w of W (array tasks x ranks) writes chunks w, w+W, ... as PNG tars
-   (pipeline.units); finished chunks are kept on a rerun, a partial one is redone.
+   (pipeline.runner.units); finished chunks are kept on a rerun, a partial one is redone.
 4. Finish: the task that finds every chunk packs samples.npz (the ADM evaluator's format),
    draws grid.png (8 samples for each of the first classes) and writes manifest.json last.
 """
@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.artifacts import PRIOR_WEIGHTS, TOKENIZER_WEIGHTS, load_prior, load_tokenizer
+from pipeline.runner.artifacts import PRIOR_WEIGHTS, TOKENIZER_WEIGHTS, load_prior, load_tokenizer
 from pipeline.data.sample_shards import pack_npz, read_sample_chunk, write_sample_chunk
 from pipeline.generation import sample_codes
 from pipeline.generation.decode import decode_to_uint8, save_uint8_grid
 from pipeline.generation.sampling import SamplingOptions
-from pipeline.io import atomic_write_json, json_bytes, read_json, sha256_file, sha256_json
-from pipeline.rundir import RunDir
-from pipeline.stage import StageContext, StageError, StageResult
-from pipeline.units import MANIFEST_NAME, Unit, UnitWork, items_and_rate, publish_unit
+from pipeline.runtime.io import atomic_write_json, json_bytes, read_json, sha256_file, sha256_json
+from pipeline.runner.rundir import RunDir
+from pipeline.runner.stage import StageContext, StageError, StageResult
+from pipeline.runner.units import MANIFEST_NAME, Unit, UnitWork, items_and_rate, publish_unit
 
 NAME = "sample"
 SECTIONS = ("sample",)

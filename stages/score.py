@@ -5,7 +5,7 @@
    cached as RUN_DIR/inception/reference-<split>.npz with the hashes it was made from).
 2. Inception weights: score.inception_weights, torch hub's cache, or the download; else a clear
    error, or with score.allow_uncalibrated a seeded random network whose numbers are all named
-   *_uncalibrated (pipeline/inception.py).
+   *_uncalibrated (pipeline/evaluation/inception.py).
 3. Metrics: FID, Inception Score, KID, precision/recall (score.metrics); the probe classifier's
    accuracy on class-conditional samples next to its accuracy on real val images (no Inception
    needed: it shows whether a prior learned its classes).
@@ -18,16 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.artifacts import PRIOR_CONFIG
+from pipeline.runner.artifacts import PRIOR_CONFIG
 from pipeline.data.sample_shards import iter_npz_images
-from pipeline.dist import broadcast_object
-from pipeline.inception import UNCALIBRATED, load_inception
-from pipeline.io import atomic_path, atomic_write_json, read_json, sha256_file
-from pipeline.rundir import RunDir
-from pipeline.reference_stats import split_reference
-from pipeline.scoring import leaderboard_row, reference_from_npz, score_samples
-from pipeline.stage import StageContext, StageError, StageResult
-from pipeline.units import MANIFEST_NAME
+from pipeline.runtime.dist import broadcast_object
+from pipeline.evaluation.inception import UNCALIBRATED, load_inception
+from pipeline.runtime.io import atomic_path, atomic_write_json, read_json, sha256_file
+from pipeline.runner.rundir import RunDir
+from pipeline.evaluation.reference_stats import split_reference
+from pipeline.evaluation.scoring import leaderboard_row, reference_from_npz, score_samples
+from pipeline.runner.stage import StageContext, StageError, StageResult
+from pipeline.runner.units import MANIFEST_NAME
 
 NAME = "score"
 SECTIONS = ("score",)
@@ -66,7 +66,7 @@ def shard_manifest(run: RunDir) -> Path:
 
 
 def dataset_reference(ctx: StageContext, extractor, source: str, need_features: bool) -> dict:
-    """The shards' reference split, featurised once per run (pipeline/reference_stats.py: the same
+    """The shards' reference split, featurised once per run (pipeline/evaluation/reference_stats.py: the same
     cache train_tokenizer's rFID fills) and reused while the shards and the weights match."""
     sc = ctx.cfg.score
     return split_reference(ctx.run_dir, shard_manifest(RunDir(ctx.run_dir)), sc.reference_split, extractor, source,

@@ -3,7 +3,7 @@ shard set) -> webdataset/MDS shards plus RUN_DIR/shard/manifest.json and rejecte
 
 1. Plan: the source's splits cut into shards of a size fixed by the config alone (`plan_shards`),
    so every shard's bytes are the same however the stage is launched.
-2. Work: worker w of W (array tasks x ranks) writes shards w, w+W, ... (pipeline.units), decoding
+2. Work: worker w of W (array tasks x ranks) writes shards w, w+W, ... (pipeline.runner.units), decoding
    and encoding images in a pool of forked processes; unreadable images are skipped and listed.
    A webdataset source (pipeline/data/wds_source.py) is planned per input shard instead: unit j
    is input shard j resharded to our shard j, or (data.wds_mode=index) a record of it, the
@@ -20,9 +20,9 @@ import os
 from pipeline.data import manifest as manifest_lib
 from pipeline.data.shards import encode_loaded, plan_shards, samples_per_shard, write_shard
 from pipeline.data.sources import make_source
-from pipeline.io import atomic_write_text, json_bytes, sha256_json
-from pipeline.stage import StageContext, StageError, StageResult
-from pipeline.units import MANIFEST_NAME, UnitWork, items_and_rate, publish_unit
+from pipeline.runtime.io import atomic_write_text, json_bytes, sha256_json
+from pipeline.runner.stage import StageContext, StageError, StageResult
+from pipeline.runner.units import MANIFEST_NAME, UnitWork, items_and_rate, publish_unit
 
 NAME = "shard"
 SECTIONS = ("data",)

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.artifacts import PRIOR_CONFIG, PRIOR_WEIGHTS, TOKENIZER_WEIGHTS, save_prior
-from pipeline.configschema import ConfigError
-from pipeline.dist import barrier
-from pipeline.io import sha256_file
-from pipeline.logs import tensorboard_writer
+from pipeline.runner.artifacts import PRIOR_CONFIG, PRIOR_WEIGHTS, TOKENIZER_WEIGHTS, save_prior
+from pipeline.config.schema import ConfigError
+from pipeline.runtime.dist import barrier
+from pipeline.runtime.io import sha256_file
+from pipeline.runtime.logs import tensorboard_writer
 from pipeline.models.prior_config import CodeSpec
 from pipeline.models.registry import build_prior, build_tokenizer
-from pipeline.rundir import RunDir
-from pipeline.stage import StageError, StageResult
+from pipeline.runner.rundir import RunDir
+from pipeline.runner.stage import StageError, StageResult
 from pipeline.train.prior_trainer import PriorTrainer
 from pipeline.train.signals import PreemptionGuard
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.artifacts import TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, save_tokenizer
-from pipeline.dist import barrier
-from pipeline.io import sha256_file
-from pipeline.logs import tensorboard_writer
+from pipeline.runner.artifacts import TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, save_tokenizer
+from pipeline.runtime.dist import barrier
+from pipeline.runtime.io import sha256_file
+from pipeline.runtime.logs import tensorboard_writer
 from pipeline.models.registry import build_tokenizer
-from pipeline.rundir import RunDir
-from pipeline.stage import StageError, StageResult
+from pipeline.runner.rundir import RunDir
+from pipeline.runner.stage import StageError, StageResult
 from pipeline.train.signals import PreemptionGuard
 from pipeline.train.tokenizer_trainer import LoaderFactory, TokenizerTrainer
 

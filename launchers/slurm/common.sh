@@ -29,7 +29,7 @@ tessera_stage() {
     if [[ -n ${SLURM_ARRAY_JOB_ID:-} ]]; then job="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"; fi
     echo "[tessera] $stage: job $job on $(hostname -s), restart ${SLURM_RESTART_COUNT:-0}"
 
-    # One rank per task (one per GPU): srun starts them; pipeline/dist.py reads SLURM_PROCID,
+    # One rank per task (one per GPU): srun starts them; pipeline/runtime/dist.py reads SLURM_PROCID,
     # SLURM_NTASKS, SLURM_LOCALID and the first host of SLURM_JOB_NODELIST.
     srun --kill-on-bad-exit=1 "$py" -m pipeline.cli stage "$stage" "$config" --run-dir "$run_dir" "$@" &
     local pid=$! signalled=""

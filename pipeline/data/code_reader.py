@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import read_json
+from ..runtime.io import read_json
 from .manifest import ShardIntegrityError, verify_shards
 
 NUM_CANONICAL_NODES = 1

@@ -3,7 +3,7 @@
     layout = CodeLayout.for_tokenizer(model, tokenizer_meta, store_latents=...)
     encoder = CodeEncoder(model, layout, device, precision)
     rows = encoder.encode(images_BCHW, labels_B, indices_B, keys, views, stats)   # one row per (image, view)
-    fields = write_code_unit(path, rows_iter, layout, stats)     # inside pipeline.units.publish_unit
+    fields = write_code_unit(path, rows_iter, layout, stats)     # inside pipeline.runner.units.publish_unit
 
 Rows of a unit are image-major (image i: views 0..V-1), so the row of (image, view) is
 `(image - unit.start) * V + view`. Columns (MDS encodings):

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from ..io import atomic_path
+from ..runtime.io import atomic_path
 
 PNG_COMPRESS_LEVEL = 6
 

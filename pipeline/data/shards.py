@@ -2,7 +2,7 @@
 
 Plan: shard j of a split holds positions [j*k, (j+1)*k) of the split's fixed order, k fixed by
 the config alone, so the plan (and every shard's bytes) is the same for any number of workers.
-Publishing a shard resumably (sidecar last, verified on rerun) is pipeline.units' job.
+Publishing a shard resumably (sidecar last, verified on rerun) is pipeline.runner.units' job.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from ..io import atomic_path
-from ..units import Unit
+from ..runtime.io import atomic_path
+from ..runner.units import Unit
 from .sources import LoadedImage, encode_image
 
 IMAGE_EXTENSION = {"png": "png", "jpeg": "jpg"}
@@ -56,7 +56,7 @@ def encode_loaded(img: LoadedImage, encoding: str) -> tuple[LoadedImage, bytes |
 def write_shard(path: Path, encoded: Iterable[tuple[LoadedImage, bytes | None]], *, fmt: str,
                 encoding: str) -> dict:
     """Write one shard from its encoded images in order (rejects skipped and listed); returns
-    the sidecar fields {"count", "rejected"} (see pipeline.units.publish_unit)."""
+    the sidecar fields {"count", "rejected"} (see pipeline.runner.units.publish_unit)."""
     rejected: list[dict] = []
 
     def accepted():

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..configschema import ConfigError
-from ..io import sha256_json
+from ..config.schema import ConfigError
+from ..runtime.io import sha256_json
 from . import synthetic
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})

@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
-from ..errors import StageError
+from ..runtime.errors import StageError
 from .manifest import ShardIntegrityError, load_manifest, verify_shards
 from .reader import ImageBatch, augment_pixels
 from .shards import IMAGE_EXTENSION

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Iterator
 from urllib.parse import urlparse
 
-from ..errors import StageError
+from ..runtime.errors import StageError
 
 logger = logging.getLogger(__name__)
 

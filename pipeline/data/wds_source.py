@@ -25,9 +25,9 @@ import warnings
 
 from PIL import Image
 
-from ..io import atomic_write_json, sha256_json
-from ..errors import StageError
-from ..units import Unit
+from ..runtime.io import atomic_write_json, sha256_json
+from ..runtime.errors import StageError
+from ..runner.units import Unit
 from .shards import encode_loaded, write_shard
 from .sources import LoadedImage, center_crop_resize
 from .stream_reader import sample_label

@@ -36,7 +36,7 @@ def save_uint8_grid(images_BHWC: torch.Tensor, path: Path, nrow: int, min_side: 
     from PIL import Image
     from torchvision.utils import make_grid
 
-    from ..io import atomic_path
+    from ..runtime.io import atomic_path
 
     grid = make_grid(images_BHWC.permute(0, 3, 1, 2), nrow=nrow, padding=2)
     scale = max(1, math.ceil(min_side / images_BHWC.shape[1]))

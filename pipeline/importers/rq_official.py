@@ -44,9 +44,9 @@ from typing import Callable, Iterable
 import torch
 import yaml
 
-from ..config import Config, load_config
-from ..configschema import ConfigError
-from ..errors import StageError
+from ..config.root import Config, load_config
+from ..config.schema import ConfigError
+from ..runtime.errors import StageError
 from ..models.autoencoder import AttnBlock
 from ..models.registry import build_tokenizer
 
@@ -358,7 +358,7 @@ def convert_stage1(state: dict[str, torch.Tensor], spec: Stage1Spec, cfg=None, w
 
 
 def _tokenizer_config(spec: Stage1Spec):
-    from ..configschema import build_section
+    from ..config.schema import build_section
     from ..models.tokenizer_config import TokenizerConfig
 
     return build_section(TokenizerConfig, spec.tokenizer, "tokenizer")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..configschema import ConfigError, build_section
+from ..config.schema import ConfigError, build_section
 from ..models.prior_config import CodeSpec, PriorConfig
 from .rq_official import CheckpointMismatch
 

@@ -14,6 +14,6 @@ def budget_loss(fine_ratio: torch.Tensor, target_ratio: float, weight: float) ->
     calculate_all: True) return gamma*((1-r) - (1-t))^2 added to itself, i.e. 2*gamma*(r - t)^2:
     to train like them, double `tokenizer.budget_weight` (their gamma 10 -> 20). Their ratio
     (sum(g_coarse + 4 g_fine)/B - HW) / (3 HW) equals r in value and, since the two straight-through
-    gate entries sum to 1, gives the router logits the same gradient (tests/test_fidelity_dq.py).
+    gate entries sum to 1, gives the router logits the same gradient (tests/unit/test_fidelity_dq.py).
     """
     return weight * (fine_ratio - target_ratio) ** 2

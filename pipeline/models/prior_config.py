@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..configschema import ConfigError, did_you_mean, option
+from ..config.schema import ConfigError, did_you_mean, option
 
 
 @dataclass

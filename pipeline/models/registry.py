@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..configschema import ConfigError
+from ..config.schema import ConfigError
 from .dq import DQTokenizer
 from .prior_config import CodeSpec, PriorConfig
 from .tokenizer_config import TokenizerConfig

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..configschema import ConfigError, option
+from ..config.schema import ConfigError, option
 
 
 @dataclass
@@ -86,7 +86,7 @@ class TokenizerConfig:
     @classmethod
     def preset_values(cls, name: str, path: str) -> dict:
         if name not in TOKENIZER_PRESETS:
-            from ..configschema import did_you_mean
+            from ..config.schema import did_you_mean
 
             raise ConfigError(f"{path}: unknown tokenizer preset {name!r}.{did_you_mean(name, TOKENIZER_PRESETS)} "
                               f"Available: {', '.join(sorted(TOKENIZER_PRESETS))}.")

@@ -17,7 +17,7 @@ name (one atomic rename on a shared filesystem), drops all but the newest `keep`
 barrier. Before writing, rank 0 checks the filesystem has room for another checkpoint the size of
 the newest one (a full disk is an error naming the folder and the sizes, not torch's "unexpected
 pos"). A killed save leaves `.step_*.tmp` behind: the next run removes them when it loads, which
-is safe because the stage lock (pipeline/lock.py) lets only one job write in this folder.
+is safe because the stage lock (pipeline/runner/lock.py) lets only one job write in this folder.
 
 Loading (`manager.candidates()`): the newest step folder whose record matches the files on disk
 (every listed file present with its size) comes first; each incomplete one is skipped with a
@@ -39,8 +39,8 @@ from typing import Iterator
 
 import torch
 
-from ..dist import barrier, broadcast_object
-from ..io import atomic_write_json, read_json
+from ..runtime.dist import barrier, broadcast_object
+from ..runtime.io import atomic_write_json, read_json
 
 RECORD = "complete.json"
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -228,8 +228,8 @@ def resume_newest(checkpoints: "CheckpointManager", meta: dict, load) -> bool:
     """Load the newest checkpoint that matches `meta` through `load(folder)` on every rank; a
     folder any rank fails to read is skipped with a warning and the next older one is tried.
     Collective. IncompatibleCheckpoint becomes a StageError (another config wrote them)."""
-    from ..dist import all_gather_objects
-    from ..errors import StageError
+    from ..runtime.dist import all_gather_objects
+    from ..runtime.errors import StageError
 
     try:
         for step, folder in checkpoints.candidates(meta):

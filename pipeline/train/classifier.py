@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
-from ..dist import barrier, is_main_process
-from ..io import atomic_path, atomic_write_json, read_json, sha256_file
+from ..runtime.dist import barrier, is_main_process
+from ..runtime.io import atomic_path, atomic_write_json, read_json, sha256_file
 from ..models.classifier import ProbeClassifier
-from ..progress import progress
+from ..runtime.progress import progress
 
 FOLDER, WEIGHTS, META = "classifier", "classifier.safetensors", "classifier.json"
 STEPS, BATCH, LR = 400, 64, 2e-3  # ~6 epochs of the 2000-image demo set: ~20 s on 2 CPU cores

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..dist import DistEnv
-from ..sections import TrainConfig
+from ..runtime.dist import DistEnv
+from ..config.sections import TrainConfig
 from .checkpoint import load_pt
 
 ENGINES = ("ddp", "deepspeed")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import merge_trees
-from ..errors import StageError
-from ..io import read_json
+from ..config.root import merge_trees
+from ..runtime.errors import StageError
+from ..runtime.io import read_json
 from .checkpoint import RECORD, CheckpointManager
 from .engine import deepspeed_config
 

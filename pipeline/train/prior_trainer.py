@@ -16,17 +16,17 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import load_tokenizer
-from ..config import Config
+from ..runner.artifacts import load_tokenizer
+from ..config.root import Config
 from ..data.code_reader import make_code_loader
-from ..dist import DistEnv, all_gather_objects, barrier, broadcast_object
-from ..errors import StageError
+from ..runtime.dist import DistEnv, all_gather_objects, barrier, broadcast_object
+from ..runtime.errors import StageError
 from ..generation.sampling import keyed_uniforms
-from ..io import atomic_write_json, read_json
+from ..runtime.io import atomic_write_json, read_json
 from ..losses.prior_loss import rq_prior_loss
 from ..models.prior_config import CodeSpec
 from ..models.registry import build_prior
-from ..progress import progress
+from ..runtime.progress import progress
 from .checkpoint import RECORD, CheckpointManager, load_pt, resume_newest
 from .ema import WeightEMA
 from .engine import engine_meta, make_engine

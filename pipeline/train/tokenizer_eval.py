@@ -1,6 +1,6 @@
 """Tokenizer evaluation on the val shards: PSNR, codebook usage, code length, the two trivial
 baselines the demo must beat (per-image mean colour; a blurred downsample that spends the same
-number of bits as the codes; both live in pipeline.metrics) and, with a probe classifier, how
+number of bits as the codes; both live in pipeline.evaluation.metrics) and, with a probe classifier, how
 often the class of an original and of its reconstruction is recognised."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..io import atomic_path
-from ..metrics import downsample_baseline, mean_colour_baseline, psnr_per_image
+from ..runtime.io import atomic_path
+from ..evaluation.metrics import downsample_baseline, mean_colour_baseline, psnr_per_image
 
 
 def code_maps_by_depth(codes) -> list[torch.Tensor]:

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
-from ..dist import DistEnv
-from ..io import atomic_write_json
+from ..config.root import Config
+from ..runtime.dist import DistEnv
+from ..runtime.io import atomic_write_json
 from ..losses import TokenizerLoss
 from ..models.registry import build_tokenizer
-from ..progress import progress
-from ..stage import StageError
+from ..runtime.progress import progress
+from ..runner.stage import StageError
 from .checkpoint import CheckpointManager, load_pt, resume_newest
 from .engine import deepspeed_config, engine_meta, make_engine
 from .rng import capture_rng_state, restore_rng_state
@@ -244,8 +244,8 @@ class TokenizerTrainer:
     def reconstruction_fid(self) -> dict:
         """rFID on the main rank (the other ranks wait at the stage's next barrier); {} with a warning
         when no Inception weights can be had: a missing eval network must not fail a finished training."""
-        from ..inception import UNCALIBRATED, InceptionWeightsMissing, load_inception
-        from ..reference_stats import reconstruction_fid
+        from ..evaluation.inception import UNCALIBRATED, InceptionWeightsMissing, load_inception
+        from ..evaluation.reference_stats import reconstruction_fid
 
         if not self.env.is_main:
             return {}

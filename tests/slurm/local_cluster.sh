@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A SLURM cluster of several nodes on this one machine, for the launcher tests (tests/test_slurm_*.py).
+# A SLURM cluster of several nodes on this one machine, for the launcher tests (tests/e2e/test_slurm_*.py).
 #
 #   tests/slurm/local_cluster.sh start    install (Debian packages), build the test network, start
 #                                         munge, slurmctld and one slurmd per node

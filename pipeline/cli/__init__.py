@@ -1,0 +1,1 @@
+"""The `tessera` command line and what its subcommands print (status, summary, estimate)."""

@@ -1,0 +1,1 @@
+"""Configuration: the typed sections, their schema and loader, and the generated reference."""

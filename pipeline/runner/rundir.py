@@ -1,0 +1,71 @@
+"""The run directory: one folder per run, one sub-folder per stage, `done.json` written last.
+
+    RUN_DIR/config.yaml                effective config of the latest invocation
+    RUN_DIR/<stage>/attempt.json       config hash + input hashes of the work in progress
+    RUN_DIR/<stage>/done.json          written last and atomically when the stage completes
+    RUN_DIR/<stage>/log.txt            the stage's log (all invocations, appended)
+    RUN_DIR/tensorboard/<stage>/       TensorBoard events
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..runtime.io import atomic_write_json, read_json
+from .lock import is_lock_file
+
+STAGE_NAMES = ("shard", "train_tokenizer", "precompute_codes", "train_prior", "sample", "score")
+
+
+@dataclass
+class StageState:
+    name: str
+    state: str            # "done" | "partial" | "not started"
+    done: dict | None     # contents of done.json when done
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def done_path(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "done.json"
+
+    def attempt_path(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "attempt.json"
+
+    def read_done(self, stage: str) -> dict | None:
+        path = self.done_path(stage)
+        if not path.is_file():
+            return None
+        try:
+            return read_json(path)
+        except (ValueError, OSError):  # ValueError: CorruptFileError
+            return None  # unreadable done.json: treat the stage as not finished
+
+    def read_attempt(self, stage: str) -> dict | None:
+        path = self.attempt_path(stage)
+        try:
+            return read_json(path) if path.is_file() else None
+        except (ValueError, OSError):  # ValueError: CorruptFileError
+            return None
+
+    def write_attempt(self, stage: str, fingerprint: dict) -> None:
+        atomic_write_json(self.attempt_path(stage), fingerprint)
+
+    def write_done(self, stage: str, record: dict) -> None:
+        atomic_write_json(self.done_path(stage), record)
+
+    def state(self, stage: str) -> StageState:
+        done = self.read_done(stage)
+        if done is not None:
+            return StageState(stage, "done", done)
+        folder = self.stage_dir(stage)
+        has_work = folder.is_dir() and any(p.name != "log.txt" and not is_lock_file(p.name) for p in folder.iterdir())
+        return StageState(stage, "partial" if has_work else "not started", None)
+
+    def states(self) -> list[StageState]:
+        return [self.state(name) for name in STAGE_NAMES]

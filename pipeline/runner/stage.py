@@ -1,0 +1,292 @@
+"""Running one stage: the shared shape every stage has.
+
+A stage module in `stages/` declares `NAME`, `SECTIONS` (config sections it depends on; optional
+`IGNORED_KEYS`: dotted keys in them that do not affect its outputs),
+`input_fingerprints(ctx)` (hashes of what it reads from earlier stages) and `run(ctx)`; optional
+`INPUT_STAGES` (earlier stages whose outputs it reads: verified before it starts),
+`check_config(cfg)` (raises ConfigError; run for every stage of `tessera run` before the first
+starts) and `verify_outputs(stage_dir)` (raises StageError; run when a finished stage is skipped
+and by `tessera verify`, after the files done.json hashed were checked). The runner does everything around them, identically for every stage:
+
+1. logging to RUN_DIR/<stage>/log.txt and the process group (torchrun / srun ranks);
+2. the stage lock (pipeline/runner/lock.py): one job per stage (per array task) at a time;
+3. skip when done.json matches the config and inputs (after verifying the outputs); refuse,
+   naming the changed keys with old and new values, when they changed (unless --force);
+4. record attempt.json (with the stage's effective config) so a partial stage rerun with a
+   different config is refused too;
+5. call run(ctx) on every rank; rank 0 writes done.json last, atomically;
+6. OS errors (read-only or full disk, ...) become one clear StageError line, also in log.txt.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from ..config.root import Config, changed_keys, default_config_dict
+from ..runtime.errors import StageError, describe_os_error
+from ..runtime.dist import DistEnv, barrier, broadcast_object, device_for, init_distributed
+from ..runtime.io import atomic_write_text, sha256_file
+from .lock import StageLock, is_lock_file
+from ..runtime.logs import setup_logging
+from .rundir import STAGE_NAMES, RunDir
+from ..data.urls import FetchOptions, set_fetch_options
+
+VERSIONED_PACKAGES = ("tessera", "torch", "deepspeed", "webdataset", "mosaicml-streaming", "torch-fidelity")
+
+
+@dataclass
+class StageResult:
+    counts: dict = field(default_factory=dict)    # e.g. images, shards, rejected
+    metrics: dict = field(default_factory=dict)   # e.g. psnr, throughput
+    outputs: dict = field(default_factory=dict)   # file name -> sha256 of what later stages read
+
+
+@dataclass
+class StageContext:
+    cfg: Config
+    run_dir: Path
+    stage_dir: Path
+    env: DistEnv
+    num_tasks: int
+    task_id: int
+    logger: logging.Logger
+    device: torch.device
+
+    @property
+    def worker(self) -> int:
+        """This process's index among all workers of the stage (array tasks x ranks)."""
+        return self.task_id * self.env.world_size + self.env.rank
+
+    @property
+    def num_workers(self) -> int:
+        return self.num_tasks * self.env.world_size
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    status: str           # "done" | "skipped" | "task-done" (array task finished, stage still incomplete)
+    record: dict | None = None
+
+
+def load_stage_module(name: str):
+    if name not in STAGE_NAMES:
+        raise StageError(f"unknown stage {name!r}; stages are: {', '.join(STAGE_NAMES)}")
+    try:
+        return importlib.import_module(f"stages.{name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"stages.{name}":
+            raise StageError(f"stage {name!r} is not implemented in this version of tessera") from None
+        raise
+
+
+def available_stages() -> list[str]:
+    return [n for n in STAGE_NAMES if importlib.util.find_spec(f"stages.{n}") is not None]
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for pkg in VERSIONED_PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def _fingerprint(module, ctx: StageContext) -> dict:
+    ignore = getattr(module, "IGNORED_KEYS", ())
+    return {"config_hash": ctx.cfg.section_hash(module.SECTIONS, ignore=ignore), "sections": list(module.SECTIONS),
+            "config": ctx.cfg.stage_view(module.SECTIONS, ignore=ignore), "inputs": module.input_fingerprints(ctx)}
+
+
+def _changed_parts(old: dict, new: dict) -> list[str]:
+    parts = []
+    if old.get("config_hash") != new["config_hash"]:
+        if "config" in old:
+            # Keys added to the config since the stage was recorded, left at their defaults, are not changes.
+            changes = changed_keys(old["config"], new["config"], defaults=default_config_dict())
+            if changes:
+                parts.append("config (" + "; ".join(changes) + ")")
+        else:  # recorded by an older tessera, which kept only the hash
+            parts.append("config sections " + ", ".join(new["sections"]))
+    if old.get("inputs") != new["inputs"]:
+        changed = sorted(k for k in set(old.get("inputs", {})) | set(new["inputs"])
+                         if old.get("inputs", {}).get(k) != new["inputs"].get(k))
+        parts.append("inputs " + ", ".join(changed))
+    return parts
+
+
+def _clear_stage_dir(stage_dir: Path) -> None:
+    for path in stage_dir.iterdir():
+        if path.name == "log.txt" or is_lock_file(path.name):
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def verify_stage(name: str, run: RunDir) -> None:
+    """Check a finished stage's outputs: every file done.json hashed, then the stage's own
+    `verify_outputs(stage_dir)` (e.g. every shard against its manifest). StageError names the file."""
+    done = run.read_done(name)
+    if done is None:
+        raise StageError(f"stage {name} is not finished in {run.root} (no {run.done_path(name)})")
+    stage_dir = run.stage_dir(name)
+    for file, sha in sorted(done.get("outputs", {}).items()):
+        path = stage_dir / file
+        if not path.is_file():
+            raise StageError(f"{path} (an output of the finished stage {name}) is missing; rerun the stage with --force")
+        if sha256_file(path) != sha:
+            raise StageError(f"{path} (an output of the finished stage {name}) differs from the hash in "
+                             f"{run.done_path(name)}: it was modified or corrupted; rerun the stage with --force")
+    verify = getattr(load_stage_module(name), "verify_outputs", None)
+    if verify is not None:
+        verify(stage_dir)
+
+
+def preflight(cfg: Config, names: list[str]) -> None:
+    """Check the whole config for every stage about to run, before the first one starts (a model
+    that cannot be built for this resolution must not surface after hours of sharding)."""
+    for name in names:
+        check = getattr(load_stage_module(name), "check_config", None)
+        if check is not None:
+            check(cfg)
+
+
+def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = False, num_tasks: int = 1,
+              task_id: int = 0, module=None) -> StageOutcome:
+    """Run one stage on every rank: lock, decide (run / skip / refuse / clear), run, record.
+
+    `module` stands in for the stage's own module (same NAME and SECTIONS): `tessera import`
+    produces a stage's outputs from foreign checkpoints through the same lock and records."""
+    module = load_stage_module(name) if module is None else module
+    preflight(cfg, [name])
+    if not 0 <= task_id < num_tasks:
+        raise StageError(f"--task-id {task_id} must be in [0, {num_tasks}) for --num-tasks {num_tasks}")
+    run = RunDir(run_dir)
+    stage_dir = run.stage_dir(name)
+    try:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StageError(describe_os_error(err, f"creating the stage folder {stage_dir}")) from None
+    logger = setup_logging(stage_dir / "log.txt")
+    env = init_distributed(cfg.launcher.collective_timeout_s)
+    # Every shard stream a stage opens (shard, train_tokenizer, ...) retries and trusts CAs as configured.
+    set_fetch_options(FetchOptions(retries=cfg.data.fetch_retries, ca_bundle=cfg.data.ca_bundle))
+    ctx = StageContext(cfg=cfg, run_dir=run.root, stage_dir=stage_dir, env=env, num_tasks=num_tasks,
+                       task_id=task_id, logger=logger, device=device_for(env))
+    lock = StageLock(stage_dir, task_id=task_id, num_tasks=num_tasks, logger=logger)
+    try:
+        # Rank 0 takes the lock for the job and decides; every rank follows its answer.
+        _on_main_then_broadcast(env, lock.acquire)
+        try:
+            return _run_locked(module, ctx, run, force)
+        finally:
+            if env.is_main:
+                lock.release()
+    except OSError as err:
+        message = describe_os_error(err, f"running stage {name}")
+        logger.error("%s", message)
+        raise StageError(message) from None
+    except StageError as err:
+        logger.error("%s", err)
+        raise
+
+
+def _on_main_then_broadcast(env: DistEnv, action) -> None:
+    """Run `action` on rank 0; a StageError (or OSError) it raises is raised on every rank."""
+    error = None
+    if env.is_main:
+        try:
+            action()
+        except StageError as err:
+            error = str(err)
+        except OSError as err:
+            error = describe_os_error(err, "taking the stage lock")
+    error = broadcast_object(error)
+    if error is not None:
+        raise StageError(error)
+
+
+def _run_locked(module, ctx: StageContext, run: RunDir, force: bool) -> StageOutcome:
+    name, env, logger, stage_dir = module.NAME, ctx.env, ctx.logger, ctx.stage_dir
+    fingerprint = _fingerprint(module, ctx)
+    decision = broadcast_object(_decide(run, name, fingerprint, force) if env.is_main else None)
+    if decision["action"] == "refuse":
+        raise StageError(decision["message"])
+    if decision["action"] == "skip":
+        # "done" is a claim about files: check it (cheap: hashes of shards are cached by stat).
+        _on_main_then_broadcast(env, lambda: verify_stage(name, run))
+        logger.info("stage %s: already done with the same config and inputs (outputs verified); skipped", name)
+        return StageOutcome(name, "skipped", run.read_done(name))
+    if decision["action"] == "clear" and env.is_main:
+        logger.info("stage %s: --force given; clearing previous outputs", name)
+        _clear_stage_dir(stage_dir)
+    # Every input, every split, before the first step: a bad val shard must not surface after training.
+    for earlier in getattr(module, "INPUT_STAGES", ()):
+        _on_main_then_broadcast(env, lambda: verify_stage(earlier, run))
+    if env.is_main:
+        run.write_attempt(name, fingerprint)
+        atomic_write_text(run.root / "config.yaml", ctx.cfg.to_yaml())
+    barrier()
+
+    logger.info("stage %s: starting (rank %d/%d, task %d/%d, device %s)", name, env.rank, env.world_size,
+                ctx.task_id, ctx.num_tasks, ctx.device)
+    start = time.time()
+    result = module.run(ctx)
+    barrier()
+    if result is None:
+        logger.info("stage %s: this task's part is finished; the stage completes when all tasks are done", name)
+        return StageOutcome(name, "task-done")
+    record = {
+        **fingerprint,
+        "stage": name,
+        "counts": result.counts,
+        "metrics": result.metrics,
+        "outputs": result.outputs,
+        "wall_time_s": round(time.time() - start, 3),
+        "world_size": env.world_size,
+        "num_tasks": ctx.num_tasks,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+    }
+    if env.is_main:
+        run.write_done(name, record)
+        logger.info("stage %s: done in %.1f s; %s", name, record["wall_time_s"], json.dumps(result.counts))
+    barrier()
+    return StageOutcome(name, "done", record)
+
+
+def _decide(run: RunDir, name: str, fingerprint: dict, force: bool) -> dict:
+    done = run.read_done(name)
+    previous = done if done is not None else run.read_attempt(name)
+    if previous is None:
+        return {"action": "run"}
+    if force:
+        return {"action": "clear"}
+    changed = _changed_parts(previous, fingerprint)
+    if not changed:
+        return {"action": "skip"} if done is not None else {"action": "run"}  # same work: resume it
+    what = "finished" if done is not None else "partially run"
+    return {"action": "refuse", "message": (
+        f"stage {name} was {what} in {run.stage_dir(name)} with different {' and '.join(changed)}; "
+        f"rerun with --force to discard its outputs and start over, or use another --run-dir")}

@@ -1,0 +1,107 @@
+"""Shared test helpers: the repository root, the `tessera` CLI in a subprocess (one process or
+torchrun ranks), free ports, and the tiny configs every end-to-end test trains on.
+
+Test modules import them with `from testkit import tessera, TINY_TOKENIZER` (tests/conftest.py puts
+this folder on sys.path).
+"""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Keep torch's thread pool small: CI has 2 cores and several tests start 2 processes.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# A tokenizer that trains in seconds: 16 px images, 8x8x4 RQ codes from a 2-level, 8-channel net.
+TINY_TOKENIZER = [
+    "data.resolution=16", "data.num_train=64", "data.num_val=16", "data.shard_max_count=32",
+    "tokenizer.ch=8", "tokenizer.ch_mult=[1,2]", "tokenizer.patch_size=1", "tokenizer.z_channels=8",
+    "tokenizer.codebook_size=32",
+    "tokenizer_train.batch_size=8", "tokenizer_train.eval_images=16", "tokenizer_train.warmup_steps=2",
+    "tokenizer_train.eval_classifier=false",  # the demo configs' probe classifier: tested where it is enabled
+    "tokenizer_train.rfid_images=0",  # rFID (Inception on every reconstruction): tested in test_sample_score.py
+]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for torchrun's / gloo's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tessera_command(*args, nproc: int = 1) -> list[str]:
+    """`python -m pipeline.cli ARGS`, under torchrun with `nproc` ranks when nproc > 1."""
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                str(free_port()), "-m", "pipeline.cli", *args]
+    return [sys.executable, "-m", "pipeline.cli", *args]
+
+
+def tessera(*args, nproc: int = 1, check: bool = True, env_extra: dict | None = None, timeout: int = 600, **popen):
+    """Run the CLI to completion (CompletedProcess; AssertionError with its output when `check` and it
+    failed), or start it and return the Popen when Popen keywords (stdout=..., ...) are given."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = tessera_command(*args, nproc=nproc)
+    if popen:
+        return subprocess.Popen(cmd, env=env, cwd=REPO, **popen)
+    out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+# --- Signals at a known step ------------------------------------------------------------------
+# The harness every kill/preemption test uses: the CLI runs in a subprocess whose trainer sends
+# `signum` to its own process right after step `at_step` (on one rank, or on every rank), so the
+# signal lands at a known point instead of racing the run's end.
+TRAINERS = {
+    "train_tokenizer": ("pipeline.train.tokenizer_trainer", "TokenizerTrainer"),
+    "train_prior": ("pipeline.train.prior_trainer", "PriorTrainer"),
+}
+
+
+def signal_after_step(stage: str, at_step: int, signum: int, rank: int | None = 0) -> None:
+    """Patch `stage`'s trainer in this process: after step `at_step`, rank `rank` (every rank when
+    None, as a node failure takes them all) sends itself `signum`."""
+    import importlib
+
+    module_name, class_name = TRAINERS[stage]
+    cls = getattr(importlib.import_module(module_name), class_name)
+    train_step = cls.train_step
+
+    def signalling_train_step(self):
+        logs = train_step(self)
+        if self.step == at_step and (rank is None or self.env.rank == rank):
+            os.kill(os.getpid(), signum)
+        return logs
+
+    cls.train_step = signalling_train_step
+
+
+_SIGNALLED_CLI = """
+import os, runpy, sys
+sys.path[:0] = [os.environ["TESSERA_TESTS"], os.environ["TESSERA_REPO"]]
+from testkit import signal_after_step
+rank = os.environ["SIGNAL_RANK"]
+signal_after_step(os.environ["SIGNAL_STAGE"], int(os.environ["SIGNAL_AT_STEP"]), int(os.environ["SIGNAL_NUM"]),
+                  None if rank == "all" else int(rank))
+runpy.run_module("pipeline.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_signalled(stage: str, at_step: int, signum: int, *cli_args, rank: int | None = 0, nproc: int = 1,
+                  script_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `tessera CLI_ARGS` (under torchrun with `nproc` ranks) with `signal_after_step` planted."""
+    script = Path(script_dir) / "signalled_cli.py"
+    script.write_text(_SIGNALLED_CLI)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TESSERA_TESTS": str(REPO / "tests"), "TESSERA_REPO": str(REPO),
+           "SIGNAL_STAGE": stage, "SIGNAL_AT_STEP": str(at_step), "SIGNAL_NUM": str(int(signum)),
+           "SIGNAL_RANK": "all" if rank is None else str(rank)}
+    launch = [sys.executable]
+    if nproc > 1:
+        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+    return subprocess.run([*launch, str(script), *cli_args], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
