@@ -8,7 +8,6 @@ runs are bitwise equal; the one exception is the elastic resume, whose tolerance
 """
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY_TOKENIZER, tessera
+from testkit import REPO, TINY_TOKENIZER, copy_until_prior, require_slurm_cluster, tessera
 
 pytestmark = pytest.mark.e2e
 
@@ -43,22 +42,9 @@ ARRAYS = [f"launcher.{stage}.{key}" for stage in ("shard", "precompute_codes")
 FAST_PROGRESS = {"TESSERA_PROGRESS_INTERVAL_S": "0.3"}
 
 
-def _cluster_reason() -> str | None:
-    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
-        return "SLURM is not installed (tests/slurm/local_cluster.sh start brings up a 2-node cluster; needs root)"
-    if subprocess.run([str(REPO / "tests/slurm/local_cluster.sh"), "status"], capture_output=True).returncode:
-        return "the test cluster is not up (tests/slurm/local_cluster.sh start)"
-    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True)
-    if not set(NODES) <= set(out.stdout.split()):
-        return f"the cluster has no nodes {', '.join(NODES)} (tests/slurm/local_cluster.sh start makes them)"
-    return None
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    reason = _cluster_reason()
-    if reason:
-        pytest.skip(reason)
+    require_slurm_cluster(NODES)
 
 
 def submit(run_dir, *args, env_extra=None):
@@ -116,13 +102,6 @@ def hosts_in_log(text: str) -> set[str]:
     return {node for node in NODES if f"[{node} job " in text}
 
 
-def copy_codes(source, target) -> Path:
-    target.mkdir(parents=True)
-    for stage in ("shard", "train_tokenizer", "precompute_codes"):
-        shutil.copytree(Path(source) / stage, target / stage, ignore=shutil.ignore_patterns("*.lock", "lock.json"))
-    return target
-
-
 @pytest.fixture(scope="module")
 def codes_on_one_node(tmp_path_factory):
     """The reference: shard and precompute_codes as one task, train_tokenizer on 2 ranks of one node."""
@@ -146,7 +125,7 @@ def prior_references(codes_on_one_node, tmp_path_factory):
     """ZeRO stage -> run directory of 2 ranks on one node, 40 steps, uninterrupted."""
     runs = {}
     for zero_stage in (2, 3):
-        run_dir = copy_codes(codes_on_one_node, tmp_path_factory.mktemp(f"zero{zero_stage}") / "run")
+        run_dir = copy_until_prior(codes_on_one_node, tmp_path_factory.mktemp(f"zero{zero_stage}") / "run")
         run_local(run_dir, "train_prior", f"prior_train.zero_stage={zero_stage}", nproc=2)
         runs[zero_stage] = run_dir
     return runs
@@ -170,7 +149,7 @@ def test_two_node_zero2_job_preempted_with_usr2_requeues_and_equals_one_node(cod
                                                                              tmp_path):
     """tessera submit (submitit): 2 nodes x 1 rank, ZeRO-2, preempted after its first checkpoint; the
     requeued job ends bitwise equal to 2 ranks on one node, uninterrupted."""
-    run_dir = copy_codes(codes_on_two_nodes, tmp_path / "run")
+    run_dir = copy_until_prior(codes_on_two_nodes, tmp_path / "run")
     submit(run_dir, "--stages", "train_prior", "prior_train.zero_stage=2", *TWO_NODES["train_prior"],
            env_extra=FAST_PROGRESS)
     job = job_id(run_dir, "train_prior")
@@ -193,7 +172,7 @@ def test_two_node_zero3_sbatch_job_requeued_by_scontrol_equals_one_node(codes_on
                                                                        tmp_path):
     """launchers/slurm/train_prior.sbatch: srun starts the ranks, pipeline/dist.py finds the first node
     from SLURM's variables; ZeRO-3, requeued after its first checkpoint, bitwise equal to one node."""
-    run_dir = copy_codes(codes_on_two_nodes, tmp_path / "run")
+    run_dir = copy_until_prior(codes_on_two_nodes, tmp_path / "run")
     env = {**os.environ, **FAST_PROGRESS, "TESSERA_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "train_prior.out"
     job = subprocess.run(
@@ -237,7 +216,7 @@ def test_killed_node_fails_the_job_in_time_and_it_resumes_on_one_node_within_tol
     order, but one rank sums each batch's gradient where two ranks all-reduce halves, so float
     rounding only: atol 2e-4 / rtol 1e-3 on the weights (tests/test_train_prior.py's elastic bound)
     and 2e-3 on the validation loss."""
-    run_dir = copy_codes(codes_on_two_nodes, tmp_path / "run")
+    run_dir = copy_until_prior(codes_on_two_nodes, tmp_path / "run")
     submit(run_dir, "--stages", "train_prior", "prior_train.zero_stage=2", *TWO_NODES["train_prior"])
     job = job_id(run_dir, "train_prior")
     checkpoints = run_dir / "train_prior" / "checkpoints"
