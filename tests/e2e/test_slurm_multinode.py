@@ -211,7 +211,7 @@ def test_killed_node_fails_the_job_in_time_and_it_resumes_on_one_node_within_tol
     """A 2-node ZeRO-2 job loses its second node's processes (SIGKILL) after its first checkpoint.
     The surviving rank sees its peer's sockets close, or srun --kill-on-bad-exit ends it; at the
     latest launcher.collective_timeout_s ends a rank stuck in a collective: the job fails within
-    that timeout plus 30 s. Resubmitted on 1 node x 1 rank, it resumes (elastic) from the last
+    that timeout plus 60 s. Resubmitted on 1 node x 1 rank, it resumes (elastic) from the last
     complete checkpoint through DeepSpeed's universal checkpoint: same global batches in the same
     order, but one rank sums each batch's gradient where two ranks all-reduce halves, so float
     rounding only: atol 2e-4 / rtol 1e-3 on the weights (tests/test_train_prior.py's elastic bound)
@@ -226,9 +226,11 @@ def test_killed_node_fails_the_job_in_time_and_it_resumes_on_one_node_within_tol
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
-    wait_for_jobs(run_dir, timeout_s=COLLECTIVE_TIMEOUT_S + 60)
+    wait_for_jobs(run_dir, timeout_s=COLLECTIVE_TIMEOUT_S + 120)
     seconds = time.monotonic() - killed
-    assert seconds < COLLECTIVE_TIMEOUT_S + 30, f"the job ran {seconds:.0f} s after its node was killed"
+    # A bound, not a speed: without the timeout a rank stuck in a collective would wait forever;
+    # the margin covers the processes' exit and SLURM's bookkeeping on a loaded 2-core machine.
+    assert seconds < COLLECTIVE_TIMEOUT_S + 60, f"the job ran {seconds:.0f} s after its node was killed"
     from launchers.jobs import job_states
 
     assert job_states(job)[0] == ["FAILED"]
