@@ -58,13 +58,13 @@ def run_local(run_dir, stages, *args, nproc=1):
 
 
 def job_id(run_dir, stage) -> str:
-    from launchers.jobs import latest_jobs
+    from launchers.job_records import latest_jobs
 
     return latest_jobs(run_dir)[stage]["job_id"]
 
 
 def wait_for_jobs(run_dir, timeout_s=300):
-    from launchers.jobs import live_jobs
+    from launchers.job_records import live_jobs
 
     deadline = time.monotonic() + timeout_s
     while live_jobs(run_dir):
@@ -231,7 +231,7 @@ def test_killed_node_fails_the_job_in_time_and_it_resumes_on_one_node_within_tol
     # A bound, not a speed: without the timeout a rank stuck in a collective would wait forever;
     # the margin covers the processes' exit and SLURM's bookkeeping on a loaded 2-core machine.
     assert seconds < COLLECTIVE_TIMEOUT_S + 60, f"the job ran {seconds:.0f} s after its node was killed"
-    from launchers.jobs import job_states
+    from launchers.job_records import job_states
 
     assert job_states(job)[0] == ["FAILED"]
     assert not (run_dir / "train_prior" / "done.json").exists()

@@ -9,7 +9,7 @@ import pytest
 
 from testkit import TINY_TOKENIZER, tessera
 from launchers.graph import build_graph, job_spec
-from launchers.job import StageJob
+from launchers.stage_job import StageJob
 from launchers.sbatch_chain import sbatch_command
 from pipeline.config.root import load_config
 from pipeline.config.schema import ConfigError
@@ -39,7 +39,7 @@ def test_job_spec_resolves_stage_resources_against_launcher_defaults():
 
 
 def test_job_info_reads_states_restarts_and_nodes_of_every_array_task(monkeypatch):
-    import launchers.jobs as jobs
+    import launchers.job_records as jobs
 
     tasks = [{"JobState": "COMPLETED", "Restarts": "0", "NodeList": "n1", "ReqNodeList": "(null)"},
              {"JobState": "RUNNING", "Restarts": "1", "NodeList": "n[2-3]"},
