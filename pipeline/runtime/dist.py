@@ -84,7 +84,10 @@ def slurm_torch_env(env) -> dict:
 
 
 def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
-    """Create the default process group when there is more than one rank (idempotent)."""
+    """Create the default process group when there is more than one rank (idempotent).
+
+    `timeout_s` (launcher.collective_timeout_s) bounds the rendezvous and every collective: a rank
+    whose peer node hangs fails after that long instead of waiting forever."""
     env = detect_env()
     if not env.is_distributed or torch_dist.is_initialized():
         return env
