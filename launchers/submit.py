@@ -25,7 +25,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from pipeline.config.root import load_config
 from pipeline.config.schema import ConfigError
-from pipeline.runner.stage import available_stages, preflight
+from pipeline.runner.stage import STAGE_NAMES, preflight
 
 from .graph import JobSpec, build_graph, format_graph, select_stages
 from .job import StageJob
@@ -80,7 +80,7 @@ def submit(config: str, overrides: list[str], run_dir: str | None, stages: str |
     cfg = load_config(config, overrides)
     run_path = (Path(run_dir) if run_dir else Path("runs") / cfg.name).resolve()
     config_path = str(Path(config).resolve())  # the jobs start in the repository, not necessarily here
-    selected = select_stages(stages, available_stages())
+    selected = select_stages(stages, list(STAGE_NAMES))
     preflight(cfg, selected)
     specs, done = build_graph(cfg, run_path, selected)
     for stage in done:

@@ -19,9 +19,9 @@ from pipeline.config.root import load_config
 from pipeline.models.dq_order import dq_codes_from_tokens
 from pipeline.data.reader import ShardedImageDataset
 from pipeline.runtime.io import sha256_file
-from pipeline.runner.stage import StageError, available_stages, run_stage
+from pipeline.runner.stage import StageError, run_stage
 from pipeline.runner.units import UnitWork, unit_digest
-from stages.precompute_codes import CodesJob
+from pipeline.encode.codes_job import CodesJob
 
 TINY = [*TINY_TOKENIZER, "tokenizer_train.steps=2", "precompute.batch_size=8", "precompute.verify_images=8"]
 CONFIGS = {"rq": "configs/demo-rq.yaml", "dq": "configs/demo-dq.yaml"}
@@ -65,10 +65,6 @@ def runs(tmp_path_factory):
         assert outcome.status == "done"
         out[kind] = {"base": base, "ref": ref}
     return out
-
-
-def test_stage_is_listed_for_tessera_run():
-    assert "precompute_codes" in available_stages()
 
 
 def test_rq_codes_equal_the_tokenizers_and_decode_alike(runs):
@@ -216,7 +212,8 @@ def test_dq_tokens_round_trip_and_decode_alike(runs):
 
 def test_verification_fails_when_codes_do_not_match_the_tokenizer(runs):
     ref = runs["rq"]["ref"]
-    job = CodesJob.create(ref, cfg_for("rq"), ref / "precompute_codes", torch.device("cpu"))
+    job = CodesJob.create(ref / "shard" / "manifest.json", ref / "train_tokenizer", cfg_for("rq"),
+                          ref / "precompute_codes", torch.device("cpu"))
     sidecars = UnitWork(ref / "precompute_codes", job.plan, job.plan_id).collect_sidecars()
     assert job.verify(sidecars, 8, 0)["verify_token_mismatch"] == 0.0
     with torch.no_grad():
