@@ -32,6 +32,7 @@ class _ImportedStage:
     skips the stage instead of training). Subclasses write the outputs."""
 
     INPUTS: dict[str, tuple[str, ...]] = {}
+    IMPORTS = True
     OUTPUTS: tuple[str, ...] = ()
 
     def __init__(self, name: str, model, inputs: dict, record: dict):

@@ -133,9 +133,11 @@ def input_fingerprints(module, ctx: StageContext, run: RunDir) -> dict[str, str]
     stage's external inputs. StageError when an input stage is not done."""
     name = module.NAME
     recorded = (run.read_done(name) or {}).get("inputs") or {}
-    if recorded and all(key.startswith(IMPORTED_INPUT_PREFIX) for key in recorded):
+    imported = recorded and all(key.startswith(IMPORTED_INPUT_PREFIX) for key in recorded)
+    if imported and not getattr(module, "IMPORTS", False):
         # Made by `tessera import` (pipeline/importers): no earlier stage was read; the hashes of the
-        # imported files stand for the inputs, so a later run skips the stage instead of training.
+        # imported files stand for the inputs, so a later run skips the stage instead of training
+        # (an importer, IMPORTS = True, states the inputs of what it imports now).
         return recorded
     inputs = stage_inputs(module)
     missing = [stage for stage in inputs if run.read_done(stage) is None]
