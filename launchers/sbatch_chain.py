@@ -19,7 +19,7 @@ from pipeline.config.schema import ConfigError
 from pipeline.runner.stage import STAGE_NAMES, preflight
 
 from .graph import DATA_PARALLEL_STAGES, JobSpec, build_graph, select_stages
-from .jobs import record_submission, slurm_dir, update_last_submission
+from .job_records import record_submission, slurm_dir, update_last_submission
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "launchers" / "slurm"

@@ -28,8 +28,8 @@ from pipeline.config.schema import ConfigError
 from pipeline.runner.stage import STAGE_NAMES, preflight
 
 from .graph import JobSpec, build_graph, format_graph, select_stages
-from .job import StageJob
-from .jobs import live_jobs, record_submission, slurm_dir, update_last_submission
+from .job_records import live_jobs, record_submission, slurm_dir, update_last_submission
+from .stage_job import StageJob
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout whose code the jobs run
 

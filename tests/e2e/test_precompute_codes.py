@@ -67,6 +67,20 @@ def runs(tmp_path_factory):
     return out
 
 
+def test_tessera_run_runs_the_stage_in_pipeline_order(runs, tmp_path):
+    """`tessera run --stages` given out of order runs shard (done: skipped) and then precompute_codes,
+    which writes what the stage runner wrote; a second run skips it."""
+    run_dir = copy_inputs(runs["rq"]["base"], tmp_path)
+    out = tessera("run", CONFIGS["rq"], "--run-dir", str(run_dir), "--stages", "precompute_codes,shard", *TINY)
+    reported = [line for line in out.stdout.splitlines() if line.startswith("[tessera] ") and ": " in line][:2]
+    assert reported == ["[tessera] shard: skipped", "[tessera] precompute_codes: done"], out.stdout
+    ref = runs["rq"]["ref"] / "precompute_codes"
+    assert (run_dir / "precompute_codes/manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
+    assert unit_hashes(run_dir / "precompute_codes") == unit_hashes(ref)
+    again = tessera("run", CONFIGS["rq"], "--run-dir", str(run_dir), "--stages", "precompute_codes", *TINY)
+    assert "[tessera] precompute_codes: skipped" in again.stdout
+
+
 def test_rq_codes_equal_the_tokenizers_and_decode_alike(runs):
     ref = runs["rq"]["ref"]
     stage_dir = ref / "precompute_codes"

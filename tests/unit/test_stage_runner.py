@@ -140,10 +140,25 @@ def test_cli_status(tmp_path, fake_stage, cfg, capsys):
     assert "done" in capsys.readouterr().out
 
 
-def test_unknown_stage_message():
-    with pytest.raises(StageError, match="unknown stage"):
-        stage_mod.load_stage_module("bogus")
-    assert "torch" in stage_mod.package_versions()
+def test_unknown_stage_is_refused_naming_the_stages():
+    # A name that is a module in stages/ but not a stage must be refused too, before any import.
+    for name in ("bogus", "__init__"):
+        with pytest.raises(StageError) as err:
+            stage_mod.load_stage_module(name)
+        assert str(err.value) == f"unknown stage {name!r}; stages are: {', '.join(stage_mod.STAGE_NAMES)}"
+
+
+def test_every_stage_is_implemented_and_runnable():
+    for name in stage_mod.STAGE_NAMES:
+        module = stage_mod.load_stage_module(name)
+        assert module.NAME == name and callable(module.run)
+        assert set(stage_mod.stage_inputs(module)) <= set(stage_mod.STAGE_NAMES[:stage_mod.STAGE_NAMES.index(name)])
+
+
+def test_package_versions_name_the_installed_torch():
+    import torch
+
+    assert stage_mod.package_versions()["torch"].split("+")[0] == torch.__version__.split("+")[0]
 
 
 class ReadingStage(CountingStage):
