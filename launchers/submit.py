@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import submitit
+
 # _make_sbatch_string renders the script submitit would submit; --dry-run prints it without a
 # cluster (SlurmExecutor itself refuses to exist where srun is missing).
 from submitit.slurm.slurm import _make_sbatch_string

@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.runner.artifacts import PRIOR_WEIGHTS, TOKENIZER_WEIGHTS, load_prior, load_tokenizer
-from pipeline.generation.sample_files import pack_npz, read_sample_chunk, write_sample_chunk
 from pipeline.generation import sample_codes
 from pipeline.generation.decode import decode_to_uint8, save_uint8_grid
+from pipeline.generation.sample_files import pack_npz, read_sample_chunk, write_sample_chunk
 from pipeline.generation.sampling import SamplingOptions
-from pipeline.runtime.io import atomic_write_json, json_bytes, read_json, sha256_file, sha256_json
+from pipeline.runner.artifacts import PRIOR_WEIGHTS, TOKENIZER_WEIGHTS, load_prior, load_tokenizer
 from pipeline.runner.stage import StageContext, StageError, StageResult
 from pipeline.runner.units import MANIFEST_NAME, Unit, items_and_rate, publish_unit, run_units
+from pipeline.runtime.io import atomic_write_json, json_bytes, read_json, sha256_file, sha256_json
 
 NAME = "sample"
 INPUTS = {"train_tokenizer": ("tokenizer.safetensors",), "train_prior": ("prior.safetensors",)}

@@ -18,16 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.runner.artifacts import PRIOR_CONFIG
-from pipeline.generation.sample_files import iter_npz_images
-from pipeline.runtime.dist import broadcast_object
 from pipeline.evaluation.inception import UNCALIBRATED, load_inception
-from pipeline.runtime.io import atomic_path, atomic_write_json, read_json, sha256_file
-from pipeline.runner.rundir import RunDir
 from pipeline.evaluation.reference_stats import split_reference
 from pipeline.evaluation.scoring import leaderboard_row, reference_from_npz, score_samples
+from pipeline.generation.sample_files import iter_npz_images
+from pipeline.runner.artifacts import PRIOR_CONFIG
+from pipeline.runner.rundir import RunDir
 from pipeline.runner.stage import StageContext, StageError, StageResult
 from pipeline.runner.units import MANIFEST_NAME
+from pipeline.runtime.dist import broadcast_object
+from pipeline.runtime.io import atomic_path, atomic_write_json, read_json, sha256_file
 
 NAME = "score"
 INPUTS = {"sample": ("samples.npz",)}

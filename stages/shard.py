@@ -20,9 +20,9 @@ import os
 from pipeline.data import manifest as manifest_lib
 from pipeline.data.shards import encode_loaded, plan_shards, samples_per_shard, write_shard
 from pipeline.data.sources import make_source
-from pipeline.runtime.io import atomic_write_text, json_bytes, sha256_json
 from pipeline.runner.stage import StageContext, StageError, StageResult
 from pipeline.runner.units import MANIFEST_NAME, items_and_rate, publish_unit, run_units
+from pipeline.runtime.io import atomic_write_text, json_bytes, sha256_json
 
 NAME = "shard"
 INPUTS: dict = {}  # the first stage: its inputs are the source's images (external_inputs)

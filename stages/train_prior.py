@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.runner.artifacts import PRIOR_CONFIG, PRIOR_WEIGHTS, save_prior
 from pipeline.config.schema import ConfigError
+from pipeline.models.prior_config import CodeSpec
+from pipeline.models.registry import build_prior, build_tokenizer
+from pipeline.runner.artifacts import PRIOR_CONFIG, PRIOR_WEIGHTS, save_prior
+from pipeline.runner.stage import StageResult
 from pipeline.runtime.dist import barrier
 from pipeline.runtime.io import sha256_file
 from pipeline.runtime.logs import tensorboard_writer
-from pipeline.models.prior_config import CodeSpec
-from pipeline.models.registry import build_prior, build_tokenizer
-from pipeline.runner.stage import StageResult
 from pipeline.train.prior_trainer import PriorTrainer
 from pipeline.train.signals import PreemptionGuard
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.models.registry import build_tokenizer
 from pipeline.runner.artifacts import TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, save_tokenizer
+from pipeline.runner.stage import StageResult
 from pipeline.runtime.dist import barrier
 from pipeline.runtime.io import sha256_file
 from pipeline.runtime.logs import tensorboard_writer
-from pipeline.models.registry import build_tokenizer
-from pipeline.runner.stage import StageResult
 from pipeline.train.signals import PreemptionGuard
 from pipeline.train.tokenizer_trainer import LoaderFactory, TokenizerTrainer
 

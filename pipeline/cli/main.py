@@ -334,8 +334,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ..train.signals import PREEMPTED_EXIT_CODE, Preempted
     from ..runtime.errors import StageError, describe_os_error
+    from ..train.signals import PREEMPTED_EXIT_CODE, Preempted
 
     try:
         return COMMANDS[args.command](args)

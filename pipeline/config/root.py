@@ -13,14 +13,19 @@ from typing import Iterable
 
 import yaml
 
-from .schema import ConfigError, build_section, describe, key_effects, option
-from ..runtime.io import sha256_json
 from ..models.prior_config import PriorConfig
 from ..models.tokenizer_config import TokenizerConfig
-from .schema import RUNTIME
-from .sections import (DataConfig, LauncherConfig, PrecomputeConfig, PriorTrainConfig, SampleConfig, ScoreConfig,
-                       TokenizerTrainConfig)
-
+from ..runtime.io import sha256_json
+from .schema import RUNTIME, ConfigError, build_section, describe, key_effects, option
+from .sections import (
+    DataConfig,
+    LauncherConfig,
+    PrecomputeConfig,
+    PriorTrainConfig,
+    SampleConfig,
+    ScoreConfig,
+    TokenizerTrainConfig,
+)
 
 # ZeRO stages the tokenizer trains with under tokenizer_train.engine=deepspeed.
 TOKENIZER_ZERO_STAGES = (0, 1, 2)

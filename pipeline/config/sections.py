@@ -50,8 +50,8 @@ class DataConfig:
                               "[0, num_classes))", ge=1, le=100000, affects=("shard",))
     num_train: int = option(2000, "synthetic: images in the train split", ge=1, affects=("shard",))
     num_val: int = option(200, "synthetic: images in the val split", ge=0, affects=("shard",))
-    val_fraction: float = option(0.02, "imagefolder without a val/ folder: seeded fraction held out for val", ge=0.0, le=0.5,
-                                 affects=("shard",))
+    val_fraction: float = option(0.02, "imagefolder without a val/ folder: seeded fraction held out for val",
+                                 ge=0.0, le=0.5, affects=("shard",))
     format: str = option("webdataset", "shard format", choices=("webdataset", "mds"), affects=("shard",))
     shard_max_count: int = option(1000, "max images per shard", ge=1, affects=("shard",))
     shard_max_bytes: int = option(256 << 20, "max bytes per shard (whichever limit is hit first)", ge=1024,

@@ -46,9 +46,9 @@ import yaml
 
 from ..config.root import Config, load_config
 from ..config.schema import ConfigError
-from ..runtime.errors import StageError
 from ..models.autoencoder import AttnBlock
 from ..models.registry import build_tokenizer
+from ..runtime.errors import StageError
 
 SOURCE = "rq-official"
 MODEL_FILE, CONFIG_FILE = "model.pt", "config.yaml"

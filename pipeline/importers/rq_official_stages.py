@@ -14,14 +14,30 @@ from typing import Iterable
 
 import yaml
 
-from ..runner.artifacts import PRIOR_CONFIG, PRIOR_WEIGHTS, TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, save_prior, save_tokenizer
 from ..config.root import Config
 from ..config.schema import ConfigError
+from ..runner.artifacts import (
+    PRIOR_CONFIG,
+    PRIOR_WEIGHTS,
+    TOKENIZER_CONFIG,
+    TOKENIZER_WEIGHTS,
+    save_prior,
+    save_tokenizer,
+)
+from ..runner.stage import IMPORTED_INPUT_PREFIX, StageContext, StageOutcome, StageResult, run_stage
 from ..runtime.dist import barrier
 from ..runtime.io import atomic_write_json, sha256_file
-from ..runner.stage import IMPORTED_INPUT_PREFIX, StageContext, StageOutcome, StageResult, run_stage
-from .rq_official import (CONFIG_FILE, IMPORT_RECORD, MODEL_FILE, SOURCE, build_run_config,
-                          convert_stage1, load_stage1_state_dict, read_stage1_config, stage1_files)
+from .rq_official import (
+    CONFIG_FILE,
+    IMPORT_RECORD,
+    MODEL_FILE,
+    SOURCE,
+    build_run_config,
+    convert_stage1,
+    load_stage1_state_dict,
+    read_stage1_config,
+    stage1_files,
+)
 from .rq_official_prior import build_from_their_state, load_stage2_state_dict, prior_config_from_yaml, stage2_files
 
 

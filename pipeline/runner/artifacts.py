@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from ..config.schema import build_section
-from ..runtime.io import atomic_path, atomic_write_json, read_json
 from ..models.registry import build_tokenizer
 from ..models.tokenizer_config import TokenizerConfig
+from ..runtime.io import atomic_path, atomic_write_json, read_json
 
 TOKENIZER_WEIGHTS = "tokenizer.safetensors"
 TOKENIZER_CONFIG = "tokenizer.json"
@@ -33,7 +33,8 @@ def save_tokenizer(model: torch.nn.Module, cfg: TokenizerConfig, resolution: int
     folder = Path(folder)
     with atomic_path(folder / TOKENIZER_WEIGHTS) as tmp:
         save_model(model, str(tmp))  # handles tied tensors, unlike save_file
-    exported = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in PRIOR_ONLY_TOKENIZER_KEYS}
+    exported = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                if f.name not in PRIOR_ONLY_TOKENIZER_KEYS}
     atomic_write_json(folder / TOKENIZER_CONFIG, {"tokenizer": exported, "resolution": resolution})
 
 

@@ -42,13 +42,13 @@ from pathlib import Path
 import torch
 
 from ..config.root import Config, changed_keys, default_config_dict, merge_trees
-from ..runtime.errors import StageError, describe_os_error
-from ..runtime.dist import DistEnv, barrier, broadcast_object, device_for, init_distributed
-from ..runtime.io import atomic_write_text, sha256_file, sha256_json
-from .lock import StageLock, is_lock_file
-from ..runtime.logs import setup_logging
-from .rundir import STAGE_NAMES, RunDir
 from ..data.urls import FetchOptions, set_fetch_options
+from ..runtime.dist import DistEnv, barrier, broadcast_object, device_for, init_distributed
+from ..runtime.errors import StageError, describe_os_error
+from ..runtime.io import atomic_write_text, sha256_file, sha256_json
+from ..runtime.logs import setup_logging
+from .lock import StageLock, is_lock_file
+from .rundir import STAGE_NAMES, RunDir
 
 # Inputs of a stage made by `tessera import` start with this (the hashes of the imported files).
 IMPORTED_INPUT_PREFIX = "import:"

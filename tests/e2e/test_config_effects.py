@@ -18,14 +18,13 @@ import dataclasses
 from collections import defaultdict
 
 import pytest
+from testkit import REPO, TINY_TOKENIZER
 
 from pipeline.config.root import Config, load_config
 from pipeline.config.schema import key_effects
 from pipeline.runner import stage as stage_runner
 from pipeline.runner.rundir import STAGE_NAMES
 from pipeline.train import classifier as probe_classifier
-
-from testkit import REPO, TINY_TOKENIZER
 
 pytestmark = pytest.mark.e2e
 

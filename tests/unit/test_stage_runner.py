@@ -5,10 +5,10 @@ import pytest
 
 import pipeline.runner.stage as stage_mod
 from pipeline.cli.main import main as cli_main
-from pipeline.config.root import load_config
-from pipeline.runtime.io import sha256_file
-from pipeline.runner.stage import StageError, StageResult, run_stage
 from pipeline.cli.status import format_status
+from pipeline.config.root import load_config
+from pipeline.runner.stage import StageError, StageResult, run_stage
+from pipeline.runtime.io import sha256_file
 
 
 class CountingStage:
