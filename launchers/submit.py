@@ -19,13 +19,14 @@ import sys
 from pathlib import Path
 
 import submitit
+
 # _make_sbatch_string renders the script submitit would submit; --dry-run prints it without a
 # cluster (SlurmExecutor itself refuses to exist where srun is missing).
 from submitit.slurm.slurm import _make_sbatch_string
 
 from pipeline.config.root import load_config
 from pipeline.config.schema import ConfigError
-from pipeline.runner.stage import available_stages, preflight
+from pipeline.runner.stage import STAGE_NAMES, preflight
 
 from .graph import JobSpec, build_graph, format_graph, select_stages
 from .job_records import live_jobs, record_submission, slurm_dir, update_last_submission
@@ -80,7 +81,7 @@ def submit(config: str, overrides: list[str], run_dir: str | None, stages: str |
     cfg = load_config(config, overrides)
     run_path = (Path(run_dir) if run_dir else Path("runs") / cfg.name).resolve()
     config_path = str(Path(config).resolve())  # the jobs start in the repository, not necessarily here
-    selected = select_stages(stages, available_stages())
+    selected = select_stages(stages, list(STAGE_NAMES))
     preflight(cfg, selected, run_dir=run_path)
     specs, done = build_graph(cfg, run_path, selected)
     for stage in done:
