@@ -21,12 +21,12 @@ def test_reduced_rehearsal_runs_all_six_stages(tmp_path):
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     record = json.loads(out_json.read_text())
-    result = record["results"]["imagenet256-rq"]
+    result = record["data"]["imagenet256-rq"]
     assert result["error"] is None, result["error"]
     for stage, s in result["stages"].items():
         assert s["seconds"] is not None and s["peak_rss_gib"] > 0, stage
-    rows = {row[2]: row for row in record["rows"]}
-    assert float(rows["whole run"][4]) == max(s["peak_rss_gib"] for s in result["stages"].values())
+    rows = {row[1]: row for row in record["tables"][0]["rows"]}  # preset, stage, seconds, peak RSS, after
+    assert rows["whole run"][3] == max(s["peak_rss_gib"] for s in result["stages"].values())
     done = json.loads((tmp_path / "work/imagenet256-rq/train_tokenizer/done.json").read_text())
     assert done["counts"]["parameters"] > 90_000_000 and done["metrics"]["codes_per_image"] == 8 * 8 * 4
     config = json.loads((tmp_path / "work/imagenet256-rq/train_prior/deepspeed_config.json").read_text())
