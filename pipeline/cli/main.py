@@ -135,7 +135,11 @@ def _array_task(args) -> tuple[int, int]:
 
 
 def _run_dir(args, cfg) -> Path:
-    return Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+    from ..runner.rundir import check_run_dir_name
+
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+    check_run_dir_name(run_dir)
+    return run_dir
 
 
 def cmd_run(args) -> int:
@@ -256,7 +260,9 @@ def cmd_estimate(args) -> int:
 
 def cmd_import(args) -> int:
     from ..importers.rq_official_stages import import_rq_official
+    from ..runner.rundir import check_run_dir_name
 
+    check_run_dir_name(args.run_dir)
     outcomes = import_rq_official(stage1=args.stage1, stage2=args.stage2, run_dir=args.run_dir, config=args.config,
                                   overrides=args.overrides, ema=args.ema, force=args.force)
     for outcome in outcomes:
