@@ -24,6 +24,8 @@ from pipeline.train.signals import PreemptionGuard
 NAME = "train_prior"
 SECTIONS = ("prior", "prior_train")
 INPUT_STAGES = ("train_tokenizer", "precompute_codes")
+# A lost or corrupt export is rebuilt from the final checkpoint (pipeline/runner/repair.py), not retrained.
+EXPORTS_FROM_CHECKPOINT = True
 # How often it logs, checkpoints and draws preview samples: resume is exact, so the weights are the same.
 IGNORED_KEYS = ("prior_train.log_every", "prior_train.checkpoint_every", "prior_train.keep_checkpoints",
                 "prior_train.checkpoint_every_min", "prior_train.sample_every")

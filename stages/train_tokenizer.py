@@ -21,6 +21,8 @@ from pipeline.train.tokenizer_trainer import LoaderFactory, TokenizerTrainer
 NAME = "train_tokenizer"
 SECTIONS = ("data", "tokenizer", "tokenizer_train")
 INPUT_STAGES = ("shard",)
+# A lost or corrupt export is rebuilt from the final checkpoint (pipeline/runner/repair.py), not retrained.
+EXPORTS_FROM_CHECKPOINT = True
 # How often it logs and checkpoints, and how many it keeps: resume is exact, so the weights are the same.
 IGNORED_KEYS = ("tokenizer_train.log_every", "tokenizer_train.checkpoint_every", "tokenizer_train.keep_checkpoints")
 

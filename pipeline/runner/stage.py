@@ -38,6 +38,7 @@ from ..runtime.errors import StageError, describe_os_error
 from ..runtime.dist import DistEnv, barrier, broadcast_object, device_for, init_distributed
 from ..runtime.io import atomic_write_text, sha256_file
 from .lock import StageLock, is_lock_file
+from .repair import describe_discard, rebuild_plan, remedy
 from ..runtime.logs import setup_logging
 from .rundir import STAGE_NAMES, RunDir
 from ..data.urls import FetchOptions, set_fetch_options
@@ -150,15 +151,23 @@ def verify_stage(name: str, run: RunDir) -> None:
     done = run.read_done(name)
     if done is None:
         raise StageError(f"stage {name} is not finished in {run.root} (no {run.done_path(name)})")
-    stage_dir = run.stage_dir(name)
+    module = load_stage_module(name)
+    try:
+        _check_outputs(module, run, done)
+    except StageError as err:
+        raise StageError(f"{err}; {remedy(module, run, name)}") from None
+
+
+def _check_outputs(module, run: RunDir, done: dict) -> None:
+    name, stage_dir = module.NAME, run.stage_dir(module.NAME)
     for file, sha in sorted(done.get("outputs", {}).items()):
         path = stage_dir / file
         if not path.is_file():
-            raise StageError(f"{path} (an output of the finished stage {name}) is missing; rerun the stage with --force")
+            raise StageError(f"{path} (an output of the finished stage {name}) is missing")
         if sha256_file(path) != sha:
             raise StageError(f"{path} (an output of the finished stage {name}) differs from the hash in "
-                             f"{run.done_path(name)}: it was modified or corrupted; rerun the stage with --force")
-    verify = getattr(load_stage_module(name), "verify_outputs", None)
+                             f"{run.done_path(name)}: it was modified or corrupted")
+    verify = getattr(module, "verify_outputs", None)
     if verify is not None:
         verify(stage_dir)
 
@@ -173,17 +182,24 @@ def preflight(cfg: Config, names: list[str]) -> None:
 
 
 def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = False, num_tasks: int = 1,
-              task_id: int = 0, module=None) -> StageOutcome:
-    """Run one stage on every rank: lock, decide (run / skip / refuse / clear), run, record.
+              task_id: int = 0, module=None, discard_checkpoints: bool = False) -> StageOutcome:
+    """Run one stage on every rank: lock, decide (run / skip / rebuild / refuse / clear), run, record.
 
     `module` stands in for the stage's own module (same NAME and SECTIONS): `tessera import`
-    produces a stage's outputs from foreign checkpoints through the same lock and records."""
+    produces a stage's outputs from foreign checkpoints through the same lock and records.
+    `force` clears the stage when its config or inputs changed, and otherwise rebuilds it in place
+    from what still matches (pipeline/runner/repair.py); `discard_checkpoints` clears it always."""
     module = load_stage_module(name) if module is None else module
     preflight(cfg, [name])
     if not 0 <= task_id < num_tasks:
         raise StageError(f"--task-id {task_id} must be in [0, {num_tasks}) for --num-tasks {num_tasks}")
     run = RunDir(run_dir)
     stage_dir = run.stage_dir(name)
+    inputs = getattr(module, "INPUT_STAGES", ())
+    if inputs and not run.root.is_dir():
+        # Refused before anything is created: a typo in --run-dir must not leave a new run behind.
+        raise StageError(f"run directory {run.root} does not exist, and stage {name} reads the outputs of "
+                         f"{', '.join(inputs)} from it: check --run-dir, or run those stages first")
     try:
         stage_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -199,7 +215,7 @@ def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = Fals
         # Rank 0 takes the lock for the job and decides; every rank follows its answer.
         _on_main_then_broadcast(env, lock.acquire)
         try:
-            return _run_locked(module, ctx, run, force)
+            return _run_locked(module, ctx, run, force, discard_checkpoints)
         finally:
             if env.is_main:
                 lock.release()
@@ -227,19 +243,24 @@ def _on_main_then_broadcast(env: DistEnv, action) -> None:
         raise StageError(error)
 
 
-def _run_locked(module, ctx: StageContext, run: RunDir, force: bool) -> StageOutcome:
+def _run_locked(module, ctx: StageContext, run: RunDir, force: bool, discard_checkpoints: bool) -> StageOutcome:
     name, env, logger, stage_dir = module.NAME, ctx.env, ctx.logger, ctx.stage_dir
     fingerprint = _fingerprint(module, ctx)
-    decision = broadcast_object(_decide(run, name, fingerprint, force) if env.is_main else None)
+    decision = broadcast_object(_decide(run, name, fingerprint, force, discard_checkpoints) if env.is_main else None)
     if decision["action"] == "refuse":
         raise StageError(decision["message"])
     if decision["action"] == "skip":
         # "done" is a claim about files: check it (cheap: hashes of shards are cached by stat).
-        _on_main_then_broadcast(env, lambda: verify_stage(name, run))
-        logger.info("stage %s: already done with the same config and inputs (outputs verified); skipped", name)
-        return StageOutcome(name, "skipped", run.read_done(name))
+        decision = broadcast_object(_verify_or_rebuild(module, run, logger) if env.is_main else None)
+        if decision["action"] == "refuse":
+            raise StageError(decision["message"])
+        if decision["action"] == "skip":
+            logger.info("stage %s: already done with the same config and inputs (outputs verified); skipped", name)
+            return StageOutcome(name, "skipped", run.read_done(name))
+    if decision["action"] == "rebuild" and env.is_main:
+        run.done_path(name).unlink(missing_ok=True)  # not done until the rebuilt outputs are recorded
     if decision["action"] == "clear" and env.is_main:
-        logger.info("stage %s: --force given; clearing previous outputs", name)
+        logger.info("stage %s: clearing %s", name, describe_discard(stage_dir))
         _clear_stage_dir(stage_dir)
     # Every input, every split, before the first step: a bad val shard must not surface after training.
     for earlier in getattr(module, "INPUT_STAGES", ()):
@@ -276,17 +297,35 @@ def _run_locked(module, ctx: StageContext, run: RunDir, force: bool) -> StageOut
     return StageOutcome(name, "done", record)
 
 
-def _decide(run: RunDir, name: str, fingerprint: dict, force: bool) -> dict:
+def _verify_or_rebuild(module, run: RunDir, logger: logging.Logger) -> dict:
+    """Skip a finished stage whose outputs verify; rebuild one in place when a rerun can (a
+    re-export from its final checkpoint, the units that fail their hash); else refuse, saying why."""
+    name = module.NAME
+    module = load_stage_module(name)  # the stage's own checks, also for an imported stage
+    try:
+        _check_outputs(module, run, run.read_done(name))
+        return {"action": "skip"}
+    except StageError as err:
+        plan = rebuild_plan(module, run, name)
+        if plan is None:
+            return {"action": "refuse", "message": f"{err}; {remedy(module, run, name)}"}
+        logger.warning("stage %s: %s; rebuilding it in place: it %s", name, err, plan)
+        return {"action": "rebuild"}
+
+
+def _decide(run: RunDir, name: str, fingerprint: dict, force: bool, discard_checkpoints: bool = False) -> dict:
     done = run.read_done(name)
     previous = done if done is not None else run.read_attempt(name)
     if previous is None:
         return {"action": "run"}
-    if force:
-        return {"action": "clear"}
     changed = _changed_parts(previous, fingerprint)
+    if force:
+        # Same config and inputs: the checkpoints and verified units still match; keep them.
+        return {"action": "clear" if changed or discard_checkpoints else "rebuild"}
     if not changed:
         return {"action": "skip"} if done is not None else {"action": "run"}  # same work: resume it
     what = "finished" if done is not None else "partially run"
     return {"action": "refuse", "message": (
         f"stage {name} was {what} in {run.stage_dir(name)} with different {' and '.join(changed)}; "
-        f"rerun with --force to discard its outputs and start over, or use another --run-dir")}
+        f"rerun with --force to start it over, which deletes {describe_discard(run.stage_dir(name))}; "
+        f"or use another --run-dir")}
