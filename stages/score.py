@@ -28,6 +28,7 @@ from pipeline.evaluation.reference_stats import split_reference
 from pipeline.evaluation.scoring import leaderboard_row, reference_from_npz, score_samples
 from pipeline.runner.stage import StageContext, StageError, StageResult
 from pipeline.runner.units import MANIFEST_NAME
+from pipeline.runtime.validate import check_reference_archive, check_sample_archive
 
 NAME = "score"
 SECTIONS = ("score",)
@@ -55,6 +56,14 @@ def input_fingerprints(ctx: StageContext) -> dict[str, str]:
     else:
         inputs["shard/manifest.json"] = sha256_file(shard_manifest(run))
     return inputs
+
+
+def check_inputs(ctx: StageContext) -> None:
+    """The samples and a user's score.reference, before the runner records an attempt: a wrong
+    reference file fails here, in one line, and the corrected rerun is not held to it."""
+    shape = check_sample_archive(samples_path(ctx.run_dir), "samples")
+    if ctx.cfg.score.reference:
+        check_reference_archive(ctx.cfg.score.reference, "score.reference", resolution=shape[1])
 
 
 def shard_manifest(run: RunDir) -> Path:
@@ -138,7 +147,9 @@ def compute(ctx: StageContext, samples: Path) -> dict:
         ctx.logger.warning("no Inception weights: uncalibrated Inception (every metric is named *_uncalibrated)")
     need_features = bool({"kid", "prc"} & set(sc.metrics))
     if sc.reference:
-        reference = reference_from_npz(Path(sc.reference), extractor, batch=sc.batch_size, need_features=need_features)
+        resolution = check_sample_archive(samples, "samples")[1]
+        reference = reference_from_npz(Path(sc.reference), extractor, batch=sc.batch_size, need_features=need_features,
+                                       resolution=resolution)
     else:
         reference = dataset_reference(ctx, extractor, source, need_features)
     metrics = score_samples(samples, reference, extractor, source, sc.metrics, batch=sc.batch_size,

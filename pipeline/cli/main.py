@@ -290,23 +290,25 @@ def cmd_score(args) -> int:
 
     from ..evaluation.inception import load_inception
     from ..runtime.io import atomic_path, atomic_write_json
-    from ..evaluation.scoring import METRIC_NAMES, leaderboard_row, read_npz_header, reference_from_npz, score_samples
+    from ..evaluation.scoring import METRIC_NAMES, leaderboard_row, reference_from_npz, score_samples
+    from ..runtime.validate import check_reference_archive, check_sample_archive
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     bad = [m for m in metrics if m not in METRIC_NAMES]
     if bad:
         raise ConfigError(f"--metrics: {bad[0]!r} is not a metric; choose from {', '.join(METRIC_NAMES)}")
     samples = Path(args.samples)
-    if not samples.is_file():
-        raise ConfigError(f"--samples: {samples}: no such file")
+    # Both files are checked before the (slow) Inception network is loaded.
+    shape = check_sample_archive(samples, "--samples")
+    check_reference_archive(args.ref, "--ref", resolution=shape[1])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     extractor, source = load_inception(args.inception_weights, download=not args.no_download,
                                        allow_uncalibrated=args.allow_uncalibrated, device=device)
     reference = reference_from_npz(Path(args.ref), extractor, batch=args.batch_size,
-                                   need_features=bool({"kid", "prc"} & set(metrics)))
+                                   need_features=bool({"kid", "prc"} & set(metrics)), resolution=shape[1], what="--ref")
     result = score_samples(samples, reference, extractor, source, metrics, batch=args.batch_size,
                            kid_subset_size=args.kid_subset_size)
-    num = read_npz_header(samples)[0][0]
+    num = shape[0]
     record = {"metrics": result, "inception": source, "reference": str(args.ref), "samples": str(samples),
               "num_samples": num}
     print(json.dumps(record, indent=1))

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import yaml
-
 from ..runner.artifacts import PRIOR_CONFIG, PRIOR_WEIGHTS, TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, save_prior, save_tokenizer
 from ..config.root import Config
 from ..config.schema import ConfigError
 from ..runtime.dist import barrier
 from ..runtime.io import atomic_write_json, sha256_file
+from ..runtime.validate import read_yaml_mapping
 from ..runner.stage import StageContext, StageOutcome, StageResult, load_stage_module, run_stage
 from .rq_official import (CONFIG_FILE, IMPORT_INPUT_PREFIX, IMPORT_RECORD, MODEL_FILE, SOURCE, build_run_config,
                           convert_stage1, load_stage1_state_dict, read_stage1_config, stage1_files)
@@ -113,7 +112,7 @@ def prepare_stage2(stage2: str | Path, tokenizer, cfg: Config) -> PreparedImport
     from ..models.prior_config import CodeSpec
 
     model_pt, config_yaml = stage2_files(stage2)
-    prior_cfg, spec = prior_config_from_yaml(yaml.safe_load(config_yaml.read_text()))
+    prior_cfg, spec = prior_config_from_yaml(read_yaml_mapping(config_yaml, "--stage2"))
     codes = CodeSpec.from_tokenizer(tokenizer)
     if spec != codes:
         raise ConfigError(f"--stage2: their RQ-Transformer models codes {spec} but the stage-1 tokenizer makes "
@@ -136,7 +135,7 @@ def import_rq_official(*, stage1: str | Path, run_dir: str | Path, stage2: str |
     prior = None
     overrides = list(overrides)
     if stage2 is not None:
-        prior, _ = prior_config_from_yaml(yaml.safe_load(stage2_files(stage2)[1].read_text()))
+        prior, _ = prior_config_from_yaml(read_yaml_mapping(stage2_files(stage2)[1], "--stage2"))
         if prior.num_classes:  # their class count is the data's (a user override still wins, and is checked)
             overrides.insert(0, f"data.num_classes={prior.num_classes}")
     first = prepare_stage1(stage1, config=config, overrides=overrides, ema=ema, prior=prior)

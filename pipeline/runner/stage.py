@@ -5,7 +5,8 @@ A stage module in `stages/` declares `NAME`, `SECTIONS` (config sections it depe
 `input_fingerprints(ctx)` (hashes of what it reads from earlier stages) and `run(ctx)`; optional
 `INPUT_STAGES` (earlier stages whose outputs it reads: verified before it starts),
 `check_config(cfg)` (raises ConfigError; run for every stage of `tessera run` before the first
-starts) and `verify_outputs(stage_dir)` (raises StageError; run when a finished stage is skipped
+starts), `check_inputs(ctx)` (raises StageError for a bad user-supplied file; run before the
+attempt is recorded, so it does not block the corrected rerun) and `verify_outputs(stage_dir)` (raises StageError; run when a finished stage is skipped
 and by `tessera verify`, after the files done.json hashed were checked). The runner does everything around them, identically for every stage:
 
 1. logging to RUN_DIR/<stage>/log.txt and the process group (torchrun / srun ranks);
@@ -265,6 +266,11 @@ def _run_locked(module, ctx: StageContext, run: RunDir, force: bool, discard_che
     # Every input, every split, before the first step: a bad val shard must not surface after training.
     for earlier in getattr(module, "INPUT_STAGES", ()):
         _on_main_then_broadcast(env, lambda: verify_stage(earlier, run))
+    # User-supplied files (e.g. score.reference) before the attempt is recorded: a bad one must not
+    # pin the attempt's config, which would refuse the corrected rerun.
+    check_inputs = getattr(module, "check_inputs", None)
+    if check_inputs is not None:
+        _on_main_then_broadcast(env, lambda: check_inputs(ctx))
     if env.is_main:
         run.write_attempt(name, fingerprint)
         atomic_write_text(run.root / "config.yaml", ctx.cfg.to_yaml())
