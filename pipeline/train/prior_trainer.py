@@ -144,10 +144,12 @@ class PriorTrainer:
         return client
 
     def resume(self) -> bool:
-        if resume_newest(self.checkpoints, self.meta, self._load):
+        resumed = resume_newest(self.checkpoints, self.meta, self._load)
+        if resumed:
             self.logger.info("resumed from checkpoint at step %d", self.step)
-            return True
-        return False
+        if self.writer is not None:
+            self.writer.resume_from(self.step)  # a killed run's events after this step are purged
+        return resumed
 
     # ----- one optimizer step ----------------------------------------------------------
     def _draws(self, batch: dict) -> torch.Tensor:

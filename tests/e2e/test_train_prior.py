@@ -152,6 +152,30 @@ def test_signal_checkpoints_exit_3_and_incomplete_newest_falls_back(codes_run, t
     assert done(run_dir)["counts"]["steps"] == 8
 
 
+def scalar_steps(run_dir, tag: str) -> list[int]:
+    """The steps of one TensorBoard scalar as TensorBoard shows them (purged events dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir) / "tensorboard" / "train_prior"), purge_orphaned_data=True)
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+def test_tensorboard_has_each_step_once_after_a_kill_and_resume(codes_run, tmp_path):
+    """Killed after step 5 (checkpoint at 3; steps 4-5 already logged and flushed by the eval at 4):
+    the resumed run logs 4-8 again, and TensorBoard shows every step once."""
+    run_dir = fresh(codes_run, tmp_path)
+    args = ("prior_train.steps=8", "prior_train.checkpoint_every=3", "prior_train.engine=ddp",
+            "prior_train.log_every=1", "prior_train.eval_every=4")
+    out = run_prior_signalled(run_dir, 5, signal.SIGKILL, *args)
+    assert out.returncode != 0
+    assert scalar_steps(run_dir, "eval/val_loss") == [4]
+    run_prior(run_dir, *args)
+    assert "resumed from checkpoint at step 3" in (run_dir / "train_prior/log.txt").read_text()
+    assert scalar_steps(run_dir, "train/loss") == list(range(1, 9))
+    assert scalar_steps(run_dir, "eval/val_loss") == [4, 8]
+
+
 def test_config_mistakes_are_clear(codes_run, tmp_path):
     run_dir = fresh(codes_run, tmp_path)
     out = run_prior(run_dir, "prior.num_classes=7", check=False)
