@@ -70,7 +70,7 @@ def run(ctx) -> StageResult:
     writer = tensorboard_writer(ctx.run_dir, NAME)
     try:
         # The guard is up before the (slow) model build, so an early SLURM signal is not fatal.
-        with PreemptionGuard() as guard:
+        with PreemptionGuard(at_once=True, doing="the model build and resume") as guard:
             trainer = PriorTrainer(cfg, ctx.env, ctx.device, ctx.run_dir, ctx.stage_dir, ctx.logger, writer)
             metrics = trainer.fit(guard)
             state = trainer.export_state()  # collective under ZeRO-3

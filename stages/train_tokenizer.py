@@ -58,7 +58,7 @@ def run(ctx) -> StageResult:
     writer = tensorboard_writer(ctx.run_dir, NAME)
     # The guard is up before the (slow) model build, so an early SLURM signal is not fatal.
     try:
-        with PreemptionGuard() as guard:
+        with PreemptionGuard(at_once=True, doing="the model build and resume") as guard:
             trainer = TokenizerTrainer(cfg, ctx.env, ctx.device, ctx.stage_dir, loaders, ctx.logger, writer)
             metrics = trainer.fit(guard)
     finally:

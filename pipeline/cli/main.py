@@ -341,7 +341,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ..train.signals import PREEMPTED_EXIT_CODE, Preempted
+    from ..train.signals import PREEMPTED_EXIT_CODE, Interrupted, Preempted
     from ..runtime.errors import StageError, describe_os_error
 
     try:
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StageError) as err:
         print(f"tessera: error: {err}", file=sys.stderr)
         return 2
-    except Preempted as stop:  # checkpoint written; the launcher requeues on this exit code
+    except (Preempted, Interrupted) as stop:  # checkpoint or units written; the launcher requeues on this code
         print(f"tessera: {stop}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     except BrokenPipeError:  # e.g. `tessera config --keys | head`

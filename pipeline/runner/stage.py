@@ -43,6 +43,7 @@ from .repair import describe_discard, rebuild_plan, remedy
 from ..runtime.logs import setup_logging
 from .rundir import STAGE_NAMES, RunDir
 from ..data.urls import FetchOptions, set_fetch_options
+from ..train.signals import Interrupted, Preempted, PreemptionGuard
 
 VERSIONED_PACKAGES = ("tessera", "torch", "deepspeed", "webdataset", "mosaicml-streaming", "torch-fidelity")
 
@@ -227,6 +228,9 @@ def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = Fals
     except StageError as err:
         logger.error("%s", err)
         raise
+    except (Preempted, Interrupted) as stop:  # the CLI turns it into exit code 3
+        logger.warning("%s", stop)
+        raise
 
 
 def _on_main_then_broadcast(env: DistEnv, action) -> None:
@@ -279,7 +283,10 @@ def _run_locked(module, ctx: StageContext, run: RunDir, force: bool, discard_che
     logger.info("stage %s: starting (rank %d/%d, task %d/%d, device %s)", name, env.rank, env.world_size,
                 ctx.task_id, ctx.num_tasks, ctx.device)
     start = time.time()
-    result = module.run(ctx)
+    # Every phase of every stage stops at once on a preemption signal (exit 3, no traceback);
+    # training loops defer it to their next step boundary (pipeline/train/signals.py).
+    with PreemptionGuard(at_once=True, doing=f"stage {name}"):
+        result = module.run(ctx)
     barrier()
     if result is None:
         logger.info("stage %s: this task's part is finished; the stage completes when all tasks are done", name)

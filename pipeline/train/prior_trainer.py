@@ -218,6 +218,7 @@ class PriorTrainer:
         last_save = time.monotonic()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        guard.defer()  # in the loop a signal waits for the step boundary: checkpoint, then stop
         while self.step < tc.steps:
             start = time.perf_counter()
             logs = self.train_step()
@@ -248,6 +249,7 @@ class PriorTrainer:
                 bar.close()
                 raise Preempted(self.step, guard.received)
         bar.close()
+        guard.act_at_once(f"the evaluation after the final checkpoint (step {self.step})")
         metrics = self.evaluate()
         if self.last_train_loss is not None:
             metrics["train_loss"] = self.last_train_loss

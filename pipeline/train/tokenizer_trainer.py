@@ -219,6 +219,7 @@ class TokenizerTrainer:
         self._batches = self._iterate_batches()
         images_per_step = tc.batch_size
         bar = progress(tc.steps, initial=self.step, desc="train_tokenizer", unit="step", enabled=self.env.is_main)
+        guard.defer()  # in the loop a signal waits for the step boundary: checkpoint, then stop
         while self.step < tc.steps:
             start = time.perf_counter()
             logs = self.train_step()
@@ -238,6 +239,7 @@ class TokenizerTrainer:
                 bar.close()
                 raise Preempted(self.step, guard.received)
         bar.close()
+        guard.act_at_once(f"the evaluation after the final checkpoint (step {self.step})")
         metrics = self.evaluate()
         if tc.rfid_images:
             metrics.update(self.reconstruction_fid())
