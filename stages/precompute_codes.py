@@ -258,7 +258,8 @@ class CodesJob:
             row = LocalDataset(local=str(self.stage_dir / unit.name))[(i - unit.start) * views]
             if int(row["index"]) != i or int(row["view"]) != 0:
                 raise StageError(f"precompute_codes: {unit.name} row for image {i} holds image {row['index']} view "
-                                 f"{row['view']}; the unit is out of order, rerun with --force")
+                                 f"{row['view']}; the unit is out of order; rerun precompute_codes with --force --from-scratch, which deletes its "
+                                 f"code shards and encodes them again")
             stored.append(row)
         images_BCHW = torch.stack(self.images_at(split, [unit for unit, _ in units], picks.tolist()))
         model, bs, dev = self.encoder.model, self.cfg.precompute.batch_size, self.encoder.device
@@ -291,7 +292,8 @@ class CodesJob:
                 f"precompute_codes: verification failed on {n} {split} images: stored codes differ from a fresh "
                 f"encode in {mismatch:.2%} of tokens (allowed {_MAX_TOKEN_MISMATCH[self.precision]:.2%}), PSNR of "
                 f"stored codes {psnr_stored:.3f} dB vs direct {psnr_direct:.3f} dB. The code shards do not match "
-                f"the tokenizer in {self.stage_dir.parent / 'train_tokenizer'}; rerun precompute_codes with --force")
+                f"the tokenizer in {self.stage_dir.parent / 'train_tokenizer'}; rerun precompute_codes with --force "
+                f"--from-scratch, which deletes its code shards and encodes them again")
         metrics = {"verify_images": n, "verify_split": split, "verify_psnr": round(psnr_stored, 4),
                    "verify_psnr_direct": round(psnr_direct, 4), "verify_token_mismatch": mismatch}
         tok_done = RunDir(self.stage_dir.parent).read_done("train_tokenizer") or {}

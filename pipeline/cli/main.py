@@ -29,8 +29,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--force", action="store_true", help="start a stage over when its config or inputs changed; with "
                    "the same config and inputs, rebuild it from the checkpoints and units that still match")
-    p.add_argument("--discard-checkpoints", action="store_true", help="with --force: delete the stage's "
-                   "checkpoints and units even when they match the config (train from scratch)")
+    p.add_argument("--from-scratch", action="store_true", help="with --force: also delete the stage's "
+                   "checkpoints and finished units that still match the config (redo all its work)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,10 +145,10 @@ def _run_dir(args, cfg) -> Path:
     return run_dir
 
 
-def _discard(args) -> bool:
-    if args.discard_checkpoints and not args.force:
-        raise ConfigError("--discard-checkpoints goes with --force (it says what --force may delete)")
-    return args.discard_checkpoints
+def _from_scratch(args) -> bool:
+    if args.from_scratch and not args.force:
+        raise ConfigError("--from-scratch goes with --force (it says what --force may delete)")
+    return args.from_scratch
 
 
 def cmd_run(args) -> int:
@@ -171,7 +171,7 @@ def cmd_run(args) -> int:
     preflight(cfg, stages)  # every stage's config checks before the first stage starts
     run_dir = _run_dir(args, cfg)
     for name in stages:
-        outcome = run_stage(name, cfg, run_dir, force=args.force, discard_checkpoints=_discard(args))
+        outcome = run_stage(name, cfg, run_dir, force=args.force, from_scratch=_from_scratch(args))
         print(f"[tessera] {name}: {outcome.status}", flush=True)
     print(format_summary(run_dir))
     print(f"[tessera] run directory: {run_dir}  (see `tessera status {run_dir}`)")
@@ -185,7 +185,7 @@ def cmd_stage(args) -> int:
     cfg = load_config(args.config, args.overrides)
     num_tasks, task_id = _array_task(args)
     outcome = run_stage(args.name, cfg, _run_dir(args, cfg), force=args.force, num_tasks=num_tasks, task_id=task_id,
-                        discard_checkpoints=_discard(args))
+                        from_scratch=_from_scratch(args))
     print(f"[tessera] {args.name}: {outcome.status}", flush=True)
     return 0
 

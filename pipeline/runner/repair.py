@@ -7,7 +7,7 @@ unit that passes its hash and rewrites the rest, then rebuilds what is packed fr
 (samples.npz from the chunks). The runner does this by running the stage again in place, without
 clearing its folder, whenever it can: on a plain rerun, and on --force while the config and inputs
 are unchanged (the checkpoints still match them). Only a changed config or input, or
---discard-checkpoints, clears the folder, and every message offering --force says what it deletes.
+--from-scratch, clears the folder, and every message offering --force says what it deletes.
 """
 from __future__ import annotations
 

@@ -184,13 +184,13 @@ def preflight(cfg: Config, names: list[str]) -> None:
 
 
 def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = False, num_tasks: int = 1,
-              task_id: int = 0, module=None, discard_checkpoints: bool = False) -> StageOutcome:
+              task_id: int = 0, module=None, from_scratch: bool = False) -> StageOutcome:
     """Run one stage on every rank: lock, decide (run / skip / rebuild / refuse / clear), run, record.
 
     `module` stands in for the stage's own module (same NAME and SECTIONS): `tessera import`
     produces a stage's outputs from foreign checkpoints through the same lock and records.
     `force` clears the stage when its config or inputs changed, and otherwise rebuilds it in place
-    from what still matches (pipeline/runner/repair.py); `discard_checkpoints` clears it always."""
+    from what still matches (pipeline/runner/repair.py); `from_scratch` clears it always."""
     module = load_stage_module(name) if module is None else module
     preflight(cfg, [name])
     if not 0 <= task_id < num_tasks:
@@ -217,7 +217,7 @@ def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = Fals
         # Rank 0 takes the lock for the job and decides; every rank follows its answer.
         _on_main_then_broadcast(env, lock.acquire)
         try:
-            return _run_locked(module, ctx, run, force, discard_checkpoints)
+            return _run_locked(module, ctx, run, force, from_scratch)
         finally:
             if env.is_main:
                 lock.release()
@@ -248,10 +248,10 @@ def _on_main_then_broadcast(env: DistEnv, action) -> None:
         raise StageError(error)
 
 
-def _run_locked(module, ctx: StageContext, run: RunDir, force: bool, discard_checkpoints: bool) -> StageOutcome:
+def _run_locked(module, ctx: StageContext, run: RunDir, force: bool, from_scratch: bool) -> StageOutcome:
     name, env, logger, stage_dir = module.NAME, ctx.env, ctx.logger, ctx.stage_dir
     fingerprint = _fingerprint(module, ctx)
-    decision = broadcast_object(_decide(run, name, fingerprint, force, discard_checkpoints) if env.is_main else None)
+    decision = broadcast_object(_decide(run, name, fingerprint, force, from_scratch) if env.is_main else None)
     if decision["action"] == "refuse":
         raise StageError(decision["message"])
     if decision["action"] == "skip":
@@ -326,7 +326,7 @@ def _verify_or_rebuild(module, run: RunDir, logger: logging.Logger) -> dict:
         return {"action": "rebuild"}
 
 
-def _decide(run: RunDir, name: str, fingerprint: dict, force: bool, discard_checkpoints: bool = False) -> dict:
+def _decide(run: RunDir, name: str, fingerprint: dict, force: bool, from_scratch: bool = False) -> dict:
     done = run.read_done(name)
     previous = done if done is not None else run.read_attempt(name)
     if previous is None:
@@ -334,7 +334,7 @@ def _decide(run: RunDir, name: str, fingerprint: dict, force: bool, discard_chec
     changed = _changed_parts(previous, fingerprint)
     if force:
         # Same config and inputs: the checkpoints and verified units still match; keep them.
-        return {"action": "clear" if changed or discard_checkpoints else "rebuild"}
+        return {"action": "clear" if changed or from_scratch else "rebuild"}
     if not changed:
         return {"action": "skip"} if done is not None else {"action": "run"}  # same work: resume it
     what = "finished" if done is not None else "partially run"

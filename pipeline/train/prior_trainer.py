@@ -86,7 +86,8 @@ class PriorTrainer:
             raise StageError("prior_train.targets: soft targets apply to RQ/VQ codes; use targets=codes for dq")
         if tc.targets == "soft" and not self.has_latents:
             raise StageError("prior_train.targets=soft needs the latents in the code shards: set "
-                             "precompute.store_latents=true and rerun precompute_codes (with --force), or use "
+                             "precompute.store_latents=true and rerun precompute_codes with --force (which deletes and "
+                             "rewrites its code shards), or use "
                              "prior_train.targets=codes")
         # Recorded with every checkpoint; the world size is not part of what a checkpoint must match
         # to resume (another one resumes elastically).
