@@ -1,7 +1,7 @@
 """`tessera` command line: run the pipeline, one stage, or show a run's status.
 
-    tessera run CONFIG [--run-dir DIR] [--stages a,b] [--force] [key=value ...]
-    tessera stage NAME CONFIG [--run-dir DIR] [--num-tasks N --task-id I] [--force] [key=value ...]
+    tessera run CONFIG [--run-dir DIR] [--stages a,b] [--force [--from-scratch]] [key=value ...]
+    tessera stage NAME CONFIG [--run-dir DIR] [--num-tasks N --task-id I] [--force [--from-scratch]] [key=value ...]
     tessera submit CONFIG [--run-dir DIR] [--stages a,b] [--dry-run] [--executor slurm|local] [key=value ...]
     tessera status RUN_DIR
     tessera cancel RUN_DIR
