@@ -126,37 +126,34 @@ def check_reference_archive(path: str | Path, what: str = "reference", resolutio
 
 
 # ---- configs and checkpoints ---------------------------------------------------------------
-def read_yaml_mapping(path: str | Path, what: str) -> dict:
-    """A YAML file whose top level is a non-empty mapping."""
-    import yaml
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
+
+def _read_mapping(path: str | Path, what: str, kind: str, parse, parse_errors) -> dict:
+    """A text file in `kind` (YAML, JSON) whose top level is a mapping."""
     path = _existing(path, what)
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = parse(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        raise InputFileError(f"{_named(path, what)}: not a text file (is it the checkpoint?)") from None
-    except yaml.YAMLError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputFileError(f"{_named(path, what)}: not valid YAML ({first})") from None
-    if not isinstance(tree, dict) or not tree:
-        raise InputFileError(f"{_named(path, what)}: expected a YAML mapping of sections, found "
-                             f"{type(tree).__name__ if tree is not None else 'an empty file'}")
+        raise InputFileError(f"{_named(path, what)}: not a text file (a checkpoint where {kind} belongs?)") from None
+    except parse_errors as err:
+        raise InputFileError(f"{_named(path, what)}: not valid {kind} ({_first_line(err)})") from None
+    if not isinstance(tree, dict):
+        found = "an empty file" if tree is None else f"a {type(tree).__name__}"
+        raise InputFileError(f"{_named(path, what)}: expected a {kind} mapping of keys to values, found {found}")
     return tree
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    import yaml
+
+    return _read_mapping(path, what, "YAML", yaml.safe_load, yaml.YAMLError)
 
 
 def read_json_mapping(path: str | Path, what: str) -> dict:
-    """A JSON file whose top level is an object."""
-    path = _existing(path, what)
-    try:
-        tree = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise InputFileError(f"{_named(path, what)}: not a text file") from None
-    except json.JSONDecodeError as err:
-        raise InputFileError(f"{_named(path, what)}: not valid JSON ({err.msg} at line {err.lineno}, "
-                             f"column {err.colno})") from None
-    if not isinstance(tree, dict):
-        raise InputFileError(f"{_named(path, what)}: expected a JSON object ({{...}}), found {type(tree).__name__}")
-    return tree
+    return _read_mapping(path, what, "JSON", json.loads, json.JSONDecodeError)
 
 
 def load_tensor_checkpoint(path: str | Path, what: str) -> dict:
@@ -167,9 +164,8 @@ def load_tensor_checkpoint(path: str | Path, what: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickle, zip and EOF errors all mean: not a usable checkpoint
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputFileError(f"{_named(path, what)}: not a readable tensors-only torch checkpoint "
-                             f"(torch.load weights_only=True: {first[:200]})") from None
+                             f"(torch.load weights_only=True: {_first_line(err)[:200]})") from None
     if not isinstance(ckpt, dict):
         raise InputFileError(f"{_named(path, what)}: holds a {type(ckpt).__name__}, not a dict of state dicts")
     return ckpt

@@ -77,7 +77,7 @@ def test_configs_and_checkpoints(tmp_path):
         read_yaml_mapping(binary, "--stage2")
     ds = tmp_path / "ds.json"
     ds.write_text("[1, 2]")
-    with pytest.raises(InputFileError, match="expected a JSON object"):
+    with pytest.raises(InputFileError, match="expected a JSON mapping"):
         read_json_mapping(ds, "prior_train.deepspeed_config")
     ds.write_text('{"zero_optimization": ')
     with pytest.raises(InputFileError, match="not valid JSON"):
