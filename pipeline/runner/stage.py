@@ -6,8 +6,8 @@ A stage module in `stages/` declares `NAME`, `SECTIONS` (config sections it depe
 `INPUT_STAGES` (earlier stages whose outputs it reads: verified before it starts),
 `check_config(cfg)` (raises ConfigError; run for every stage of `tessera run` before the first
 starts), `check_inputs(ctx)` (raises StageError for a bad user-supplied file; run before the
-attempt is recorded, so it does not block the corrected rerun) and `verify_outputs(stage_dir)` (raises StageError; run when a finished stage is skipped
-and by `tessera verify`, after the files done.json hashed were checked). The runner does everything around them, identically for every stage:
+attempt is recorded, so it does not block the corrected rerun) and `verify_outputs(stage_dir)`
+(raises StageError; run when a finished stage is skipped and by `tessera verify`, after the files done.json hashed were checked). The runner does everything around them, identically for every stage:
 
 1. logging to RUN_DIR/<stage>/log.txt and the process group (torchrun / srun ranks);
 2. the stage lock (pipeline/runner/lock.py): one job per stage (per array task) at a time;
@@ -318,6 +318,8 @@ def _verify_or_rebuild(module, run: RunDir, logger: logging.Logger) -> dict:
     try:
         _check_outputs(module, run, run.read_done(name))
         return {"action": "skip"}
+    except OSError as err:
+        return {"action": "refuse", "message": describe_os_error(err, f"verifying the outputs of stage {name}")}
     except StageError as err:
         plan = rebuild_plan(module, run, name)
         if plan is None:
