@@ -12,8 +12,9 @@ A guard is in one of two modes:
 - at once (everything else: model build, evaluation, rFID, the probe classifier, featurisation,
   export, data-parallel units): the handler raises `Interrupted` in the main thread right away.
   Nothing finished is lost: units and checkpoints are published atomically, so the rerun resumes.
-In a forked child (a DataLoader worker inherits the handler) a signal is ignored: the parent
-stops it. multiprocessing's resource tracker is started with these signals blocked, so a signal
+A forked child inherits the handler: a DataLoader worker ignores the signal (its parent shuts it
+down), any other child (a multiprocessing pool worker, which its pool terminates with SIGTERM)
+takes the signal's default action. multiprocessing's resource tracker is started with these signals blocked, so a signal
 to the group does not kill it (which made it warn of leaks and print a traceback per segment).
 """
 from __future__ import annotations
@@ -61,6 +62,15 @@ def shield_helper_processes(signals=PREEMPTION_SIGNALS) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def _forked_child_signalled(signum: int) -> None:
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is not None:
+        return  # a DataLoader worker: its parent decides, and shuts it down
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 class PreemptionGuard:
     def __init__(self, signals=PREEMPTION_SIGNALS, *, at_once: bool = False, doing: str = "the stage"):
         self.signals = signals
@@ -98,7 +108,8 @@ class PreemptionGuard:
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self._owner:
-            return  # a forked child (DataLoader worker): its parent decides and shuts it down
+            _forked_child_signalled(signum)
+            return
         if self.received is None:  # the first signal is the cause; a relayed or repeated one adds nothing
             self.received = signum
         if self.at_once and not self._raised:  # once: a relayed second signal must not interrupt the unwinding
