@@ -12,23 +12,28 @@ else
 PY := .venv/bin/python
 endif
 
-# The stamp is newer than setup.py once the editable install succeeded: a second call installs nothing.
+# The stamp is newer than the packaging files once the editable install succeeded: a second call
+# installs nothing, and a change to the dependencies or the pins installs again.
 STAMP := $(dir $(PY)).tessera-installed
 
-.PHONY: install run test clean
+.PHONY: install run test lint clean
 install: $(STAMP)
 
-$(STAMP): setup.py
+# Dependency ranges live in pyproject.toml; constraints.txt pins them to the versions CI tests.
+$(STAMP): pyproject.toml constraints.txt setup.py
 	@if [ ! -x "$(PY)" ]; then python3 -m venv .venv; fi
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
 run: install
 	$(dir $(PY))tessera run $(CONFIG) --run-dir $(RUN_DIR)
 
-# pytest exits 5 when it collects nothing: that must fail, not pass.
-test: install
+lint: install
+	$(PY) -m ruff check .
+
+# Lint first (seconds), then the tests. pytest exits 5 when it collects nothing: that must fail, not pass.
+test: lint
 	@$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

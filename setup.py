@@ -1,33 +1,14 @@
-"""Tessera: autoregressive image generation over discrete tokens (RQ and DQ families)."""
+"""The optional ahead-of-time CUDA build of the codebook-search kernels (TESSERA_BUILD_CUDA=1).
+
+Everything else (name, version, dependencies, entry point, packages) is in pyproject.toml; setuptools
+reads it there and this file only adds the extension:
+
+    TESSERA_BUILD_CUDA=1 pip install --no-build-isolation -e .   # torch must be importable at build time
+"""
 import importlib.util
 import os
 
-from setuptools import find_packages, setup
-
-CORE_REQUIREMENTS = [
-    # torch/torchvision are pinned: these versions install from files on the project's machines.
-    "torch==2.14.1",
-    "torchvision==0.29.1",
-    "deepspeed==0.19.8",
-    "webdataset==1.0.2",
-    "mosaicml-streaming==0.13.0",
-    "torch-fidelity==0.4.0",
-    "submitit==1.5.4",
-    "tensorboard>=2.16",
-    "tqdm>=4.66",
-    "pyyaml>=6.0",
-    "safetensors>=0.4",
-    "einops>=0.8",
-    "lpips==0.1.4",
-    "numpy",
-    "pillow",
-]
-
-EXTRAS = {
-    "gpu": ["flash-attn>=2.6"],
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.8"],
-}
-
+from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -63,17 +44,4 @@ def _ext_modules():
 
 ext_modules, cmdclass = _ext_modules()
 
-setup(
-    name="tessera",
-    version="0.1.0",
-    description="Autoregressive image generation over discrete tokens: RQ-VAE/RQ-Transformer and DQ-VAE/DQ-Transformer",
-    python_requires=">=3.10",
-    packages=find_packages(include=["pipeline", "pipeline.*", "stages", "stages.*", "launchers", "launchers.*", "kernels", "kernels.*"]),
-    package_data={"kernels": ["csrc/*.cu", "csrc/*.cpp", "csrc/*.h", "csrc/*.cuh"]},
-    include_package_data=True,
-    install_requires=CORE_REQUIREMENTS,
-    extras_require=EXTRAS,
-    entry_points={"console_scripts": ["tessera=pipeline.cli.main:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

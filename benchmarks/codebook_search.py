@@ -14,6 +14,9 @@ time (median of rounds that alternate between the methods, after a warm-up) and 
 
     python benchmarks/codebook_search.py --device cpu [--quick]
     python benchmarks/codebook_search.py --device cuda [--quick]
+
+Writes benchmarks/results/codebook_search_<device>.json (--out: elsewhere), a section of BENCHMARKS.md
+(benchmarks/report.py).
 """
 from __future__ import annotations
 
@@ -26,11 +29,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import reference as ref  # noqa: E402
+
+from report import RESULTS, command_line, describe_machine, write_section  # noqa: E402
 
 C = 256
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -117,18 +123,17 @@ def run_cuda(args):
     ks = args.k or ([1024] if args.quick else [1024, 16384])
     dtypes = {name: DTYPES[name] for name in (args.dtype or DTYPES)}
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  C={C}  median of {args.repeats}")
-    header = (
-        "| op | dtype | N | K | ext ms | addmm+argmin ms | cdist+argmin ms | vs addmm | vs cdist "
-        "| ext TFLOP/s | GEMM TFLOP/s | bad |"
-    )
-    print(header)
-    print("|---" * (header.count("|") - 1) + "|")
+    columns = ["op", "dtype", "N", "K", "ext ms", "addmm+argmin ms", "cdist+argmin ms", "vs addmm", "vs cdist",
+               "ext TFLOP/s", "GEMM TFLOP/s", "bad"]
+    rows = []
+    print_row(columns)
     for k in ks:
         for n in ns:
             for name, dtype in dtypes.items():
                 for row in bench_cuda_shape(n, k, name, dtype, args):
-                    print(row)
+                    rows.append(print_row(row))
                 torch.cuda.empty_cache()  # the shape's inputs are gone: start the next one clean
+    return columns, rows
 
 
 def bench_cuda_shape(n, k, name, dtype, args):
@@ -144,11 +149,16 @@ def bench_cuda_shape(n, k, name, dtype, args):
     t_rq = time_cuda(lambda: kernels.residual_quantize(x, cb, 4), args.warmup, args.repeats)
     t_trq = maybe_time(lambda: torch_rq(x, cb, 4, chunk), args.warmup, args.repeats)
     return [
-        f"| nearest | {name} | {n} | {k} | {t_ext:.3f} | {t_mm:.3f} | {t_cd:.3f} | {t_mm / t_ext:.2f}x "
-        f"| {t_cd / t_ext:.2f}x | {flop / t_ext / 1e9:.1f} | {flop / t_gemm / 1e9:.1f} | {bad} |",
-        f"| rq depth 4 | {name} | {n} | {k} | {t_rq:.3f} | {t_trq:.3f} | - | {t_trq / t_rq:.2f}x | - "
-        f"| {4 * flop / t_rq / 1e9:.1f} | {flop / t_gemm / 1e9:.1f} | - |",
+        ["nearest", name, n, k, f"{t_ext:.3f}", f"{t_mm:.3f}", f"{t_cd:.3f}", f"{t_mm / t_ext:.2f}x",
+         f"{t_cd / t_ext:.2f}x", f"{flop / t_ext / 1e9:.1f}", f"{flop / t_gemm / 1e9:.1f}", bad],
+        ["rq depth 4", name, n, k, f"{t_rq:.3f}", f"{t_trq:.3f}", "-", f"{t_trq / t_rq:.2f}x", "-",
+         f"{4 * flop / t_rq / 1e9:.1f}", f"{flop / t_gemm / 1e9:.1f}", "-"],
     ]
+
+
+def print_row(cells: list) -> list:
+    print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+    return cells
 
 
 # ---------------------------------------------------------------------------------------- CPU
@@ -221,8 +231,10 @@ def interleaved_times(fns, repeats):
 def run_cpu(args):
     shapes = [(4096, 1024)] if args.quick else [(4096, 1024), (65536, 1024), (4096, 16384), (16384, 16384)]
     print(f"CPU: {torch.get_num_threads()} torch threads  torch {torch.__version__}  C={C}  median of {args.repeats}")
-    print("| op | dtype | N | K | chunked s | peak MB | cdist+argmin s | peak MB | addmm+argmin s | peak MB | bad |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    columns = ["op", "dtype", "N", "K", "chunked s", "peak MB", "cdist+argmin s", "peak MB", "addmm+argmin s",
+               "peak MB", "bad"]
+    rows = []
+    print_row(columns)
     for n, k in shapes:
         for name in DTYPES:
             x, cb = inputs(n, k, DTYPES[name], "cpu")
@@ -230,15 +242,35 @@ def run_cpu(args):
             t = interleaved_times({m: cpu_op(m, x, cb) for m in methods}, args.repeats)
             mem = {m: peak_mb(m, n, k, name) for m in methods}
             bad = bad_rows(x, cb, kernels.nearest_code(x, cb)[0])
-            print(
-                f"| nearest | {name} | {n} | {k} | {t['chunked']:.3f} | {mem['chunked']:.0f} | {t['cdist']:.3f} "
-                f"| {mem['cdist']:.0f} | {t['addmm']:.3f} | {mem['addmm']:.0f} | {bad} |"
-            )
+            rows.append(print_row(["nearest", name, n, k, f"{t['chunked']:.3f}", f"{mem['chunked']:.0f}",
+                                   f"{t['cdist']:.3f}", f"{mem['cdist']:.0f}", f"{t['addmm']:.3f}",
+                                   f"{mem['addmm']:.0f}", bad]))
     for n, k in shapes[:2]:
         x, cb = inputs(n, k, torch.float32, "cpu")
         t = interleaved_times({m: cpu_op(m, x, cb) for m in ("rq4", "rq4_naive")}, args.repeats)
         m_r, m_n = peak_mb("rq4", n, k, "fp32"), peak_mb("rq4_naive", n, k, "fp32")
-        print(f"| rq depth 4 | fp32 | {n} | {k} | {t['rq4']:.3f} | {m_r:.0f} | - | - | {t['rq4_naive']:.3f} | {m_n:.0f} | - |")
+        rows.append(print_row(["rq depth 4", "fp32", n, k, f"{t['rq4']:.3f}", f"{m_r:.0f}", "-", "-",
+                               f"{t['rq4_naive']:.3f}", f"{m_n:.0f}", "-"]))
+    return columns, rows
+
+
+MEASURES = {
+    "cpu": "The exact chunked CPU path of `kernels.nearest_code` / `residual_quantize` against naive full-matrix "
+           "torch (cdist+argmin, addmm+argmin), C = 256: time is the median of rounds that alternate between "
+           "the methods after a warm-up; peak MB is the RSS high-water mark of a fresh process during one call "
+           "minus the inputs; 'bad' counts rows of the first 4096 whose chosen code is not within fp32 rounding "
+           "of the float64 minimum (must be 0).",
+    "cuda": "The CUDA extension's nearest_code and residual_quantize (depth 4) against torch addmm+argmin and "
+            "cdist+argmin (median of CUDA-event timings after a warm-up), C = 256, with the achieved TFLOP/s "
+            "next to a bare torch GEMM of the same shape (the ceiling: the largest shape is compute-bound); "
+            "'bad' as on CPU.",
+}
+
+
+def section(device: str, columns: list, rows: list, command: str, machine: str, title_suffix: str = "") -> dict:
+    return {"title": f"Codebook search, {device.upper()}{title_suffix}", "order": 20,
+            "measures": MEASURES[device], "command": command, "machine": machine,
+            "tables": [{"columns": columns, "rows": rows}]}
 
 
 def main(argv=None):
@@ -250,15 +282,22 @@ def main(argv=None):
     parser.add_argument("--n", type=int, action="append", help="GPU: only this N (repeatable)")
     parser.add_argument("--k", type=int, action="append", help="GPU: only this K (repeatable)")
     parser.add_argument("--dtype", choices=list(DTYPES), action="append", help="GPU: only this dtype")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result file (default: benchmarks/results/codebook_search_<device>.json)")
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if args.device == "cpu" else 10
     if args.device == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda but torch.cuda.is_available() is False")
-        run_cuda(args)
+        columns, rows = run_cuda(args)
     else:
-        run_cpu(args)
+        columns, rows = run_cpu(args)
+    suffix = f", K = {', '.join(map(str, args.k))}" if args.device == "cuda" and args.k else ""
+    out = args.out or RESULTS / f"codebook_search_{args.device}.json"
+    threads = torch.get_num_threads() if args.device == "cpu" else None
+    write_section(out, section(args.device, columns, rows, command_line("benchmarks/codebook_search.py", argv),
+                               describe_machine(args.device, threads), suffix))
 
 
 if __name__ == "__main__":

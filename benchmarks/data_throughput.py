@@ -1,7 +1,9 @@
 """Benchmark: images/s reading shards (decode + random crop + flip to float tensors), per reader and
 DataLoader worker count, at 64 and 256 px.
 
-    python benchmarks/data_throughput.py [--num-64 4000] [--num-256 800] [--workers 0,1,2] [--out-dir DIR]
+    python benchmarks/data_throughput.py [--num-64 4000] [--num-256 800] [--workers 0,1,2] [--out FILE]
+
+Writes benchmarks/results/data_throughput.json, a section of BENCHMARKS.md (benchmarks/report.py).
 
 Readers: the indexed reader over our webdataset tars and over MDS (streaming's LocalDataset), the
 stream reader (webdataset pipeline) over the same tars by local path and through `pipe:cat` URLs,
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -30,7 +32,32 @@ from pipeline.data.manifest import load_manifest  # noqa: E402
 from pipeline.data.reader import make_image_loader  # noqa: E402
 from pipeline.runner.stage import run_stage  # noqa: E402
 
+from report import RESULTS, command_line, describe_machine, markdown_table, write_section  # noqa: E402
+
 BATCH = 64
+
+
+def section(rows: list[dict], command: str, machine: str) -> dict:
+    """The BENCHMARKS.md section: images/s per core, one row per reader, one column per px x workers."""
+    columns = sorted({(r["resolution"], r["workers"]) for r in rows})
+    table = []
+    for reader in dict.fromkeys(r["reader"] for r in rows):
+        cells = {(r["resolution"], r["workers"]): r for r in rows if r["reader"] == reader}
+        table.append([reader] + [
+            f"{cells[c]['images_per_s_per_core']:,.0f}" + (f" ({cells[c]['images_per_s']:,.0f})" if c[1] > 1 else "")
+            if c in cells else "-" for c in columns])
+    return {
+        "title": "Data loading throughput",
+        "order": 60,
+        "measures": "Images/s per core reading one epoch of shards written by the shard stage (synthetic "
+                    "`textures` PNG images, 100 per shard), decoding and applying random crop + flip to float "
+                    "tensors in batches of 64, per reader and DataLoader worker count; the time includes "
+                    "starting the workers. Per core = images/s / max(1, workers), the total in brackets.",
+        "command": command,
+        "machine": machine,
+        "tables": [{"columns": ["reader"] + [f"{px} px, {w} worker(s)" for px, w in columns], "rows": table}],
+        "data": {"rows": rows},
+    }
 
 
 def make_shards(root: Path, resolution: int, num: int, fmt: str) -> Path:
@@ -74,7 +101,8 @@ def raw_webdataset(tar_dir: Path, workers: int):
         image, label = sample
         return torch.from_numpy(image).permute(2, 0, 1).float().div_(127.5).sub_(1.0), label
 
-    dataset = (wds.WebDataset(urls, shardshuffle=False, workersplitter=wds.split_by_worker, empty_check=False).decode("rgb8")
+    dataset = (wds.WebDataset(urls, shardshuffle=False, workersplitter=wds.split_by_worker, empty_check=False)
+               .decode("rgb8")
                .to_tuple("png", "cls").map(to_tensor).batched(BATCH))
     if workers == 0:
         return dataset
@@ -86,7 +114,7 @@ def main() -> None:
     parser.add_argument("--num-64", type=int, default=4000)
     parser.add_argument("--num-256", type=int, default=800)
     parser.add_argument("--workers", default="0,1,2")
-    parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "data_throughput.json")
     args = parser.parse_args()
     workers_list = [int(w) for w in args.workers.split(",")]
     rows = []
@@ -113,15 +141,9 @@ def main() -> None:
                            "images_per_s_per_core": round(rate / max(1, workers), 1)}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
-    (out_dir / "data_throughput.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
-    print("\n| px | reader | workers | images/s | images/s per core |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['resolution']} | {r['reader']} | {r['workers']} | {r['images_per_s']:.0f} | "
-              f"{r['images_per_s_per_core']:.0f} |")
-
+    result = section(rows, command_line("benchmarks/data_throughput.py"), describe_machine("cpu"))
+    print(markdown_table(result["tables"][0]["columns"], result["tables"][0]["rows"]))
+    write_section(args.out, result)
 
 if __name__ == "__main__":
     main()

@@ -4,13 +4,12 @@ directory and reads each stage's wall time and key numbers from its done.json.
     python benchmarks/demo_wall_time.py configs/demo-rq.yaml            # ~8-10 min on 2 CPU cores
     python benchmarks/demo_wall_time.py configs/demo-dq.yaml --run-dir /tmp/dq
 
-Writes benchmarks/results/demo_wall_time_<config>.json and prints a markdown table.
+Writes benchmarks/results/demo_wall_time_<config>.json, a section of BENCHMARKS.md (benchmarks/report.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -19,8 +18,42 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from report import RESULTS, command_line, describe_machine, markdown_table, write_section  # noqa: E402
+
 STAGES = ("shard", "train_tokenizer", "precompute_codes", "train_prior", "sample", "score")
+# What each stage reached, in the table beside its wall time (done.json metric names).
+KEY_METRICS = {
+    "shard": ("images_written_this_run",),
+    "train_tokenizer": ("codes_per_image", "psnr", "rfid_uncalibrated", "class_acc_reconstructions"),
+    "precompute_codes": ("images_encoded_this_run", "verify_psnr"),
+    "train_prior": ("val_loss",),
+    "sample": ("samples_drawn_this_run", "images_per_s"),
+    "score": ("fid_uncalibrated", "classifier_accuracy_samples", "classifier_accuracy_real_val"),
+}
+
+
+def reached(stage: str, metrics: dict) -> str:
+    values = [(k, metrics[k]) for k in KEY_METRICS.get(stage, ()) if k in metrics]
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values)
+
+
+def section(config: str, command_wall_s: float, rows: list[dict], command: str, machine: str) -> dict:
+    """The BENCHMARKS.md section of one config's run (rows: stage, wall_time_s, metrics)."""
+    table = [[r["stage"], round(r["wall_time_s"], 1), reached(r["stage"], r["metrics"])] for r in rows]
+    table.append(["the whole command (start-up, summary)", round(command_wall_s), ""])
+    return {
+        "title": f"End-to-end demo: {Path(config).stem}",
+        "order": 10,
+        "measures": f"Wall time per stage of a fresh `tessera run {config}` (the six stages; the install "
+                    "excluded: `make run` = install + this), read from each stage's done.json, with what "
+                    "each stage reached.",
+        "command": command,
+        "machine": machine,
+        "tables": [{"columns": ["stage", "wall time (s)", "reached"], "rows": table}],
+        "data": {"config": config, "command_wall_s": command_wall_s, "stages": rows},
+    }
 
 
 def main() -> None:
@@ -40,16 +73,10 @@ def main() -> None:
     for stage in STAGES:
         done = json.loads((run_dir / stage / "done.json").read_text())
         rows.append({"stage": stage, "wall_time_s": done["wall_time_s"], "metrics": done["metrics"]})
-    print(f"\n# {args.config} on {platform.node()} ({platform.processor() or 'cpu'})")
-    print("| stage | wall time (s) |\n|---|---|")
-    for row in rows:
-        print(f"| {row['stage']} | {row['wall_time_s']:.1f} |")
-    print(f"| total (the command, with start-up) | {total:.1f} |")
     out = args.out or RESULTS / f"demo_wall_time_{Path(args.config).stem}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": args.config, "command_wall_s": total, "stages": rows}, indent=1))
-    print(f"wrote {out}")
-
+    result = section(args.config, total, rows, command_line("benchmarks/demo_wall_time.py"), describe_machine("cpu"))
+    print(markdown_table(result["tables"][0]["columns"], result["tables"][0]["rows"]))
+    write_section(out, result)
 
 if __name__ == "__main__":
     main()

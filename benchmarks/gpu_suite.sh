@@ -5,7 +5,9 @@
 #
 # Usage: benchmarks/gpu_suite.sh [OUT_DIR]
 #   OUT_DIR: the first argument, else $OUT, else ./gpu_suite_out. It receives one log per part,
-#   env.txt (nvidia-smi, torch / CUDA versions, commit), pytest_gpu.xml (JUnit) and summary.txt.
+#   env.txt (nvidia-smi, torch / CUDA versions, commit), pytest_gpu.xml (JUnit) and summary.txt,
+#   and the benchmarks' result files (*.json, with the PNGs beside them): copy those into
+#   benchmarks/results/ and run `python benchmarks/report.py --write BENCHMARKS.md`.
 # Environment: PYTHON (default: .venv/bin/python if present, else python3); SUITE_BUDGET_S (total
 #   seconds for all parts, default 540); TIMEOUT_<PART> overrides one part's limit (seconds).
 # Exit status: 0 when every part passed, or when there is no CUDA device (then nothing runs and
@@ -81,7 +83,7 @@ cat "$OUT_DIR/env.txt"
 
 if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
     note "NO CUDA DEVICE (torch.cuda.is_available() is False or torch is missing): nothing ran."
-    note "Run this script on a machine with a GPU; see BENCHMARKS.md (GPU section)."
+    note "Run this script on a machine with a GPU; see BENCHMARKS.md (the pending sections)."
     note "total $(elapsed) s; result: NOT RUN"
     exit 0
 fi
@@ -125,8 +127,10 @@ part bench_prior_step 140 "$PYTHON" benchmarks/prior_training.py step --device c
 
 # 4. Codebook-search benchmark at the shapes BENCHMARKS.md lists as pending: N in {65536, 262144,
 #    1048576}, C = 256, fp32 and bf16, one part per K so a slow or failing K keeps the other's table.
-part bench_search_k1024 80 "$PYTHON" benchmarks/codebook_search.py --device cuda --k 1024
-part bench_search_k16384 120 "$PYTHON" benchmarks/codebook_search.py --device cuda --k 16384
+part bench_search_k1024 80 "$PYTHON" benchmarks/codebook_search.py --device cuda --k 1024 \
+    --out "$OUT_DIR/codebook_search_cuda_k1024.json"
+part bench_search_k16384 120 "$PYTHON" benchmarks/codebook_search.py --device cuda --k 16384 \
+    --out "$OUT_DIR/codebook_search_cuda_k16384.json"
 
 # 5. Prior sampling speed: rq-1.4b on 8x8x4 vs a 1.4B raster transformer on 16x16x1 (bf16, KV cache
 #    on/off); the paper reports 4-7x for RQ.

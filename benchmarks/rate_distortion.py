@@ -21,8 +21,10 @@ net at native resolution (no Inception weights can be downloaded here). That "ra
 is only comparable within one results table.
 
 Reruns are resumable: finished stages are skipped by the pipeline. Writes RESULTS_DIR/
-rate_distortion.json and rate_distortion.png (RESULTS_DIR: benchmarks/results, or OUT_DIR/results
-with --quick) and prints a markdown table.
+rate_distortion.json and rate_distortion.png (RESULTS_DIR: benchmarks/results/<style>, or
+OUT_DIR/results with --quick), prints a markdown table, and writes the BENCHMARKS.md section
+(benchmarks/report.py) to benchmarks/results/rate_distortion_<RESULTS_DIR name>.json (with --quick:
+RESULTS_DIR/section.json).
 """
 from __future__ import annotations
 
@@ -42,14 +44,22 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-from pipeline.runner.artifacts import load_tokenizer  # noqa: E402
 from pipeline.config.root import load_config  # noqa: E402
 from pipeline.data.reader import make_image_loader  # noqa: E402
+from pipeline.evaluation.metrics import (  # noqa: E402
+    downsample_baseline,
+    downsample_side_for_bits,
+    frechet_distance,
+    mean_colour_baseline,
+    psnr_per_image,
+)
+from pipeline.runner.artifacts import load_tokenizer  # noqa: E402
 from pipeline.runner.stage import run_stage  # noqa: E402
 from pipeline.train.classifier import classifier_for_run  # noqa: E402
-from pipeline.evaluation.metrics import (downsample_baseline, downsample_side_for_bits, frechet_distance,  # noqa: E402
-                              mean_colour_baseline, psnr_per_image)
+
+from report import RESULTS, markdown_table, write_section  # noqa: E402
 
 BASE_CONFIG = REPO / "configs" / "demo-rq.yaml"
 FEATURE_SEED = 20240617
@@ -303,10 +313,12 @@ def _percent(record: dict, key: str) -> str:
     return f"{100 * record[key]:.1f}" if key in record else "-"
 
 
-def markdown_table(variants: list[dict], reference: dict) -> str:
-    rows = ["| variant | grid / depth | params | codes/image | bits/image | PSNR val (dB) | class acc % | usage % per "
-            "depth | random-feature FD | downsample baseline: side, PSNR, class acc %, FD | train s |",
-            "|---|---|---:|---:|---:|---:|---:|---|---:|---|---:|"]
+def table(variants: list[dict], reference: dict) -> tuple[list[str], list[list]]:
+    """(columns, rows) of the results table: one row per variant, then the two references."""
+    columns = ["variant", "grid / depth", "params", "codes/image", "bits/image", "PSNR val (dB)", "class acc %",
+               "usage % per depth", "random-feature FD", "downsample baseline: side, PSNR, class acc %, FD",
+               "train s"]
+    rows = []
     for v in variants:
         usage = " / ".join(f"{u:.0f}" for u in v["usage_per_depth"])
         codes = f"{v['codes_per_image']:.1f}"
@@ -315,16 +327,49 @@ def markdown_table(variants: list[dict], reference: dict) -> str:
             codes += f" ({lo:.0f}-{hi:.0f})"
         bits = f"{v['bits_per_image']:.0f}" + (f" (+{v['side_info_bits']:.0f} map)" if v["side_info_bits"] else "")
         grid = f"{v['grid']}x{v['grid']}" + (f"/{2 * v['grid']}x{2 * v['grid']}" if v["kind"] == "dq" else "")
-        rows.append(f"| {v['label']} | {grid}, D={v['depth']} | {v['parameters'] / 1e6:.2f}M | {codes} | {bits} "
-                    f"| {v['psnr']:.2f} | {_percent(v, 'class_acc')} | {usage} | {v['fd_random_features']:.4g} "
-                    f"| {v['downsample_side']}x{v['downsample_side']}, {v['psnr_baseline_downsample']:.2f}, "
-                    f"{_percent(v, 'class_acc_baseline_downsample')}, {v['fd_baseline_downsample']:.4g} "
-                    f"| {v['train_wall_time_s']:.0f} |")
-    rows.append(f"| mean colour (baseline) | - | - | - | 24 | {reference['psnr_mean_colour']:.2f} "
-                f"| {_percent(reference, 'class_acc_mean_colour')} | - | {reference['fd_mean_colour']:.4g} | - | - |")
-    rows.append(f"| val originals | - | - | - | - | - | {_percent(reference, 'class_acc_originals')} | - "
-                f"| {reference['fd_train_vs_val_originals']:.4g} (train vs val: FD floor) | - | - |")
-    return "\n".join(rows)
+        rows.append([v["label"], f"{grid}, D={v['depth']}", f"{v['parameters'] / 1e6:.2f}M", codes, bits,
+                     f"{v['psnr']:.2f}", _percent(v, "class_acc"), usage, f"{v['fd_random_features']:.4g}",
+                     f"{v['downsample_side']}x{v['downsample_side']}, {v['psnr_baseline_downsample']:.2f}, "
+                     f"{_percent(v, 'class_acc_baseline_downsample')}, {v['fd_baseline_downsample']:.4g}",
+                     f"{v['train_wall_time_s']:.0f}"])
+    rows.append(["mean colour (baseline)", "-", "-", "-", "24", f"{reference['psnr_mean_colour']:.2f}",
+                 _percent(reference, "class_acc_mean_colour"), "-", f"{reference['fd_mean_colour']:.4g}", "-", "-"])
+    rows.append(["val originals", "-", "-", "-", "-", "-", _percent(reference, "class_acc_originals"), "-",
+                 f"{reference['fd_train_vs_val_originals']:.4g} (train vs val: FD floor)", "-", "-"])
+    return columns, rows
+
+
+def section(result: dict, results_dir: Path) -> dict:
+    """The BENCHMARKS.md section of one results folder (its raw JSON stays beside the PNG)."""
+    b, m = result["budget"], result["machine"]
+    columns, rows = table(result["variants"], result["reference"])
+    png = (results_dir / "rate_distortion.png").resolve()
+    return {
+        "title": f"Rate-distortion of the tokenizers: {results_dir.name}",
+        "order": 30,
+        "measures": f"VQ, RQ and DQ tokenizers trained by the real pipeline (shard once, train_tokenizer per "
+                    f"variant) with one budget: {b['steps']} steps x batch {b['batch_size']}, lr {b['lr']:g}, seed "
+                    f"{b['seed']}, {b['resolution']} px `{b.get('synthetic_style', 'textures')}` images, "
+                    f"{b['num_train']} train / {b['num_val']} val, K = 256, l2 loss, the demo network. Per variant: "
+                    "val PSNR, the probe classifier's accuracy on the reconstructions, codebook usage, a "
+                    "random-feature Frechet distance (a fixed untrained conv net: comparable within this table "
+                    "only, not an FID), and the same-bits blurred downsample and mean-colour baselines.",
+        "command": result["command"],
+        "machine": f"{m['cpu_count']} CPU cores, {m['platform']}, torch {m['torch']}, {m['torch_threads']} torch "
+                   f"thread(s), variants one after another ({result.get('total_wall_time_s', '?')} s in all)",
+        "date": result.get("date", ""),
+        "tables": [{"columns": columns, "rows": rows}],
+        "images": [{"path": str(png.relative_to(REPO)) if png.is_relative_to(REPO) else str(png),
+                    "alt": "PSNR and random-feature FD vs codes per image"}],
+        "data": {"raw": str((results_dir / "rate_distortion.json").resolve().relative_to(REPO))
+                 if results_dir.resolve().is_relative_to(REPO) else str(results_dir / "rate_distortion.json")},
+    }
+
+
+def publish(result: dict, results_dir: Path, section_path: Path) -> None:
+    plot(result["variants"], result["reference"], results_dir / "rate_distortion.png", plot_title(result))
+    print(markdown_table(*table(result["variants"], result["reference"])))
+    write_section(section_path, section(result, results_dir))
 
 
 def main() -> None:
@@ -336,7 +381,7 @@ def main() -> None:
                         help="embedded dataset style (default: the base config's data.synthetic_style)")
     parser.add_argument("--out-dir", type=Path, default=None, help="run dirs (default runs/rate-distortion)")
     parser.add_argument("--results-dir", type=Path, default=None,
-                        help="JSON + PNG (default benchmarks/results; OUT_DIR/results with --quick)")
+                        help="JSON + PNG (default benchmarks/results/STYLE; OUT_DIR/results with --quick)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated subset of {', '.join(VARIANTS)}")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the base config's")
@@ -353,7 +398,8 @@ def main() -> None:
     parser.add_argument("--force", action="store_true",
                         help="discard train_tokenizer outputs in OUT_DIR trained with a different config")
     parser.add_argument("--replot", action="store_true",
-                        help="only redraw the PNG and reprint the table from RESULTS_DIR/rate_distortion.json")
+                        help="only redraw the PNG, reprint the table and rewrite the section from "
+                             "RESULTS_DIR/rate_distortion.json")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 steps, 64 val images, own out dir")
     args = parser.parse_args()
     if args.quick:
@@ -366,16 +412,15 @@ def main() -> None:
             setattr(args, name, getattr(demo, name))
     args.style = args.style or demo_cfg.data.synthetic_style
     args.out_dir = args.out_dir or REPO / ("runs/rate-distortion-quick" if args.quick else "runs/rate-distortion")
-    results_dir = args.results_dir or (args.out_dir / "results" if args.quick else REPO / "benchmarks" / "results")
+    results_dir = args.results_dir or (args.out_dir / "results" if args.quick else RESULTS / args.style)
+    section_path = results_dir / "section.json" if args.quick else RESULTS / f"rate_distortion_{results_dir.name}.json"
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
 
     if args.replot:
-        result = json.loads((results_dir / "rate_distortion.json").read_text())
-        plot(result["variants"], result["reference"], results_dir / "rate_distortion.png", plot_title(result))
-        print(markdown_table(result["variants"], result["reference"]))
+        publish(json.loads((results_dir / "rate_distortion.json").read_text()), results_dir, section_path)
         return
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -412,8 +457,7 @@ def main() -> None:
         "total_wall_time_s": round(elapsed, 1),
     }
     (results_dir / "rate_distortion.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(variants, reference, results_dir / "rate_distortion.png", plot_title(result))
-    print(markdown_table(variants, reference))
+    publish(result, results_dir, section_path)
     print(f"[rate-distortion] total {elapsed:.0f} s; results in {results_dir}", flush=True)
 
 

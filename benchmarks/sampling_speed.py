@@ -9,6 +9,9 @@ depend on them. Median of --repeats timed runs after one warm-up.
     python benchmarks/sampling_speed.py --device cpu             # small models, minutes on 2 cores
     python benchmarks/sampling_speed.py --device cuda            # rq-1.4b vs a 1.4B raster model, bf16
     python benchmarks/sampling_speed.py --plot RESULTS.json      # redraw the PNG of saved results
+
+Writes benchmarks/results/sampling_speed_<device>.json (a section of BENCHMARKS.md, benchmarks/report.py)
+and the PNG beside it.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
@@ -30,7 +35,7 @@ from pipeline.generation.sampling import SamplingOptions  # noqa: E402
 from pipeline.models.prior_config import CodeSpec, PriorConfig  # noqa: E402
 from pipeline.models.registry import build_prior  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from report import RESULTS, command_line, describe_machine, write_section  # noqa: E402
 
 # name -> (prior config values, code spec). Raster = RQ layers all spatial, depth 1, no depth layers.
 SETUPS = {
@@ -104,6 +109,38 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def section(results: dict, command: str, machine: str, image: Path) -> dict:
+    """The BENCHMARKS.md section of one device's rows, with the RQ / raster ratio per batch.
+
+    The plot is referred to where it belongs, beside the result file in benchmarks/results/, even when
+    the run wrote both elsewhere (gpu_suite.sh writes to its OUT_DIR: copy the PNG with the JSON)."""
+    rows = results["rows"]
+    table = [[r["model"], f"{r['params'] / 1e6:.1f}M", r["codes"], r["batch"], "on" if r["kv_cache"] else "off",
+              f"{r['images_per_s']:.3g}"] for r in rows]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    ratios = []
+    for batch in dict.fromkeys(r["batch"] for r in rows):
+        cached = {r["model"]: r["images_per_s"] for r in rows if r["batch"] == batch and r["kv_cache"]}
+        if len(models) == 2 and all(m in cached for m in models):
+            ratios.append([batch, f"{cached[models[0]] / cached[models[1]]:.2f}x"])
+    device = results["device"]
+    return {
+        "title": f"Prior sampling speed, {device.upper()}: RQ 8x8x4 vs raster 16x16x1",
+        "order": 40,
+        "measures": "Images/s of code generation alone (random weights, median of repeats after a warm-up), "
+                    "the RQ-Transformer on 8x8x4 codes against a raster transformer of about the same "
+                    "parameter count on 16x16x1 codes (an RQ-Transformer with depth 1 and no depth layers, "
+                    "as the authors' measure_throughput/ builds it), KV cache on and off.",
+        "command": command,
+        "machine": machine,
+        "tables": [{"columns": ["model", "params", "codes", "batch", "KV cache", "images/s"], "rows": table},
+                   {"caption": "RQ over raster, KV cache on:", "columns": ["batch", "speed-up"], "rows": ratios}],
+        "images": [{"path": str((RESULTS / image.name).relative_to(REPO)),
+                    "alt": f"Sampling speed on {device}: RQ vs raster, KV cache on and off"}],
+        "data": results,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -112,17 +149,19 @@ def main() -> None:
                     help="batch sizes also timed without the KV cache (slow)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--plot", type=Path, default=None, metavar="RESULTS_JSON", help="only redraw the PNG of saved results")
+    ap.add_argument("--plot", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="only redraw the PNG of saved results")
     args = ap.parse_args()
     if args.plot:
-        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        plot(json.loads(args.plot.read_text())["data"], args.plot.with_suffix(".png"))
         print(f"wrote {args.plot.with_suffix('.png')}")
         return
     dev = args.device
     batches = args.batch_sizes or ([1, 8, 32] if dev == "cpu" else [16, 64, 256])
     uncached = args.uncached_batch_sizes if args.uncached_batch_sizes is not None else ([8] if dev == "cpu" else [64])
     rows = []
-    print(f"# sampling speed on {dev}: {torch.cuda.get_device_name() if dev == 'cuda' else platform.processor() or 'cpu'}, "
+    device_name = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu"
+    print(f"# sampling speed on {dev}: {device_name}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print("| model | params | codes | batch | KV cache | images/s |")
     print("|---|---|---|---|---|---|")
@@ -138,18 +177,15 @@ def main() -> None:
                 print(f"| {name} | {n_params / 1e6:.1f}M | {row['codes']} | {batch} | {'on' if use_cache else 'off'} "
                       f"| {row['images_per_s']:.2f} |", flush=True)
         del model
-    names = list(SETUPS[dev])
-    print("\nRQ / raster speed-up (KV cache on):")
-    for batch in batches:
-        rq, raster = (next(r for r in rows if r["model"] == n and r["batch"] == batch and r["kv_cache"]) for n in names)
-        print(f"  batch {batch}: {rq['images_per_s'] / raster['images_per_s']:.2f}x")
     out = args.out or RESULTS / f"sampling_speed_{dev}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     results = {"device": dev, "torch": torch.__version__, "rows": rows}
-    out.write_text(json.dumps(results, indent=1))
+    result = section(results, command_line("benchmarks/sampling_speed.py"),
+                     describe_machine(dev, torch.get_num_threads()), out.resolve().with_suffix(".png"))
+    speedups = ", ".join(f"batch {b}: {x}" for b, x in result["tables"][1]["rows"])
+    print(f"\nRQ / raster speed-up (KV cache on): {speedups}")
+    out.parent.mkdir(parents=True, exist_ok=True)
     plot(results, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
-
+    write_section(out, result)
 
 if __name__ == "__main__":
     main()

@@ -1,2 +1,2 @@
-"""Launching the pipeline: SLURM through submitit (`tessera submit`, submit.py, graph.py, job.py,
-jobs.py) and plain sbatch scripts (slurm/, sbatch_chain.py). README: Running on a SLURM cluster."""
+"""Launching the pipeline: SLURM through submitit (`tessera submit`: submit.py, graph.py, stage_job.py,
+job_records.py) and plain sbatch scripts (slurm/, sbatch_chain.py). docs/cluster.md."""

@@ -20,7 +20,7 @@ from pipeline.runner.rundir import check_run_dir_name
 from pipeline.runner.stage import available_stages, preflight
 
 from .graph import DATA_PARALLEL_STAGES, JobSpec, build_graph, select_stages
-from .jobs import record_submission, slurm_dir, update_last_submission
+from .job_records import record_submission, slurm_dir, update_last_submission
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "launchers" / "slurm"

@@ -29,8 +29,8 @@ from pipeline.runner.rundir import check_run_dir_name
 from pipeline.runner.stage import available_stages, preflight
 
 from .graph import JobSpec, build_graph, format_graph, select_stages
-from .job import StageJob
-from .jobs import live_jobs, record_submission, slurm_dir, update_last_submission
+from .job_records import live_jobs, record_submission, slurm_dir, update_last_submission
+from .stage_job import StageJob
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout whose code the jobs run
 

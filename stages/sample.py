@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.runner.artifacts import PRIOR_WEIGHTS, TOKENIZER_WEIGHTS, load_prior, load_tokenizer
-from pipeline.data.sample_shards import pack_npz, read_sample_chunk, write_sample_chunk
+from pipeline.generation.sample_files import pack_npz, read_sample_chunk, write_sample_chunk
 from pipeline.generation import sample_codes
 from pipeline.generation.decode import decode_to_uint8, save_uint8_grid
 from pipeline.generation.sampling import SamplingOptions

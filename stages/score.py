@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.runner.artifacts import PRIOR_CONFIG
-from pipeline.data.sample_shards import iter_npz_images
+from pipeline.generation.sample_files import iter_npz_images
 from pipeline.runtime.dist import broadcast_object
 from pipeline.evaluation.inception import UNCALIBRATED, load_inception
 from pipeline.runtime.io import atomic_path, atomic_write_json, read_json, sha256_file

@@ -120,3 +120,31 @@ def run_signalled(stage: str, at_step: int, signum: int, *cli_args, rank: int | 
         launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
     return subprocess.run([*launch, str(script), *cli_args], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, start_new_session=group)
+
+
+# --- Inside a DQ tokenizer's forward ---------------------------------------------------------
+def trace_dq_forward(model, images_BCHW):
+    """Run a DQ tokenizer's forward and record what its router chose and what its quantizer was
+    handed: (record, aux) with record = {"fine_BHW": bool (B, H, W), True on the fine-grid cells of
+    regions routed fine; "z": the latent (B, C, H, W) float64; "book": the codebook as the search
+    saw it (the EMA step after the search moves it), float64; "w": the per-cell weights}."""
+    record = {}
+    route, quantize = model.route, model.quantizer.forward
+
+    def traced_route(*args):
+        gate_BHcWc2 = route(*args)
+        fine_BHcWc = gate_BHcWc2[..., 1].detach() == 1
+        record["fine_BHW"] = fine_BHcWc.repeat_interleave(2, 1).repeat_interleave(2, 2)
+        return gate_BHcWc2
+
+    def traced_quantize(z_BCHW, weight_BHW=None):
+        record["z"], record["w"] = z_BCHW.detach().double(), weight_BHW
+        record["book"] = model.quantizer.embed[0].double().clone()
+        return quantize(z_BCHW, weight_BHW)
+
+    model.route, model.quantizer.forward = traced_route, traced_quantize
+    try:
+        _, aux = model(images_BCHW)
+    finally:
+        del model.route, model.quantizer.forward  # back to the class's methods
+    return record, aux

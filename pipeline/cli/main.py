@@ -10,10 +10,12 @@
     tessera estimate CONFIG [--world-size N] [--gpu-memory-gb G] [key=value ...]
     tessera score --samples X.npz --ref REF.npz [--out DIR] [--metrics fid,isc,kid,prc] [--inception-weights P]
     tessera import rq-official --stage1 DIR [--stage2 DIR] --run-dir RUN_DIR [--config CONFIG] [--ema] [--force] [k=v ...]
+    tessera --version
 """
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 from pathlib import Path
@@ -33,10 +35,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "checkpoints and finished units that still match the config (redo all its work)")
 
 
+def installed_version() -> str:
+    """The installed distribution's version; the package's own when run from a checkout without installing."""
+    try:
+        return importlib.metadata.version("tessera")
+    except importlib.metadata.PackageNotFoundError:
+        from .. import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description="Tessera: RQ / DQ autoregressive image generation "
                                      "pipeline (shard -> train_tokenizer -> precompute_codes -> train_prior -> "
                                      "sample -> score).", epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p_run = sub.add_parser("run", help="run the stages in order, skipping finished ones", epilog=EPILOG)
@@ -50,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_stage.add_argument("--task-id", type=int, default=None, help="this task's index in [0, num-tasks)")
 
     p_submit = sub.add_parser("submit", help="submit every unfinished stage as a SLURM job (submitit), chained "
-                              "with afterok dependencies; README: Running on a SLURM cluster", epilog=EPILOG)
+                              "with afterok dependencies; docs/cluster.md", epilog=EPILOG)
     p_submit.add_argument("config", help="YAML preset, e.g. configs/imagenet256-rq.yaml")
     p_submit.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p_submit.add_argument("--run-dir", default=None, help="run directory on a shared file system "
@@ -196,7 +209,7 @@ def cmd_status(args) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory not found: {run_dir}")
-    from launchers.jobs import stage_job_column
+    from launchers.job_records import stage_job_column
 
     print(format_status(run_dir, jobs=stage_job_column(run_dir)))
     return 0
@@ -210,7 +223,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from launchers.jobs import cancel, latest_jobs
+    from launchers.job_records import cancel, latest_jobs
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

@@ -57,7 +57,7 @@ def status_rows(run_dir: str | Path) -> list[list[str]]:
 
 
 def format_status(run_dir: str | Path, jobs: dict[str, str] | None = None) -> str:
-    """The table; `jobs` (stage -> "job 123 COMPLETED", launchers/jobs.py) adds a SLURM column."""
+    """The table; `jobs` (stage -> "job 123 COMPLETED", launchers/job_records.py) adds a SLURM column."""
     header = ["stage", "state", "counts", "wall time", "metrics"]
     rows = status_rows(run_dir)
     if jobs:

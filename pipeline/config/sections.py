@@ -13,7 +13,7 @@ from .schema import ConfigError, option
 @dataclass
 class DataConfig:
     source: str = option("synthetic", "where images come from: the embedded procedural dataset, an ImageFolder tree, "
-                         "or an existing webdataset shard set (wds_train / wds_val; README: Webdataset sources)",
+                         "or an existing webdataset shard set (wds_train / wds_val; docs/data.md)",
                          choices=("synthetic", "imagefolder", "webdataset"))
     synthetic_style: str = option("textures", "synthetic: 'shapes' (one large flat-coloured object, classes told "
                                   "apart by shape and colour: the CPU demos) or 'textures' (small objects, classes "
@@ -80,7 +80,7 @@ class TrainConfig:
     min_lr_ratio: float = option(0.0, "final lr as a fraction of the peak (cosine floor)", ge=0.0, le=1.0)
     grad_clip: float = option(1.0, "max global gradient norm (0 disables clipping)", ge=0.0)
     precision: str = option("auto", "auto = bf16 autocast on GPU, fp32 on CPU", choices=("auto", "fp32", "bf16"))
-    engine: str = option("ddp", "training engine: torch DDP, or DeepSpeed ZeRO (README: Training engine)",
+    engine: str = option("ddp", "training engine: torch DDP, or DeepSpeed ZeRO (docs/stages.md: Training engine)",
                          choices=("ddp", "deepspeed"))
     zero_stage: int = option(1, "DeepSpeed ZeRO stage, used with engine=deepspeed (the tokenizer: 0-2)", ge=0, le=3)
     checkpoint_every: int = option(200, "save a checkpoint every N steps", ge=1)
@@ -119,8 +119,8 @@ class PriorTrainConfig(TrainConfig):
                                    "e.g. 0.9999)", ge=0.0, le=0.999999)
     offload_optimizer: bool = option(False, "DeepSpeed: keep optimizer states in CPU memory (ZeRO 1-3)")
     offload_params: bool = option(False, "DeepSpeed: keep parameters in CPU memory (ZeRO 3 only)")
-    deepspeed_config: str = option("", "a DeepSpeed JSON merged over the generated one (its keys win; README: "
-                                       "Training the prior)")
+    deepspeed_config: str = option("", "a DeepSpeed JSON merged over the generated one (its keys win; "
+                                       "docs/stages.md: Training the prior)")
     checkpoint_every_min: float = option(0.0, "also checkpoint every M minutes of training (0: off)", ge=0.0)
     sample_every: int = option(0, "write a grid of samples (PNG + TensorBoard) every N steps (0: at the end only)",
                                ge=0)

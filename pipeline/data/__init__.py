@@ -1,1 +1,1 @@
-"""Image data: the embedded synthetic dataset, image sources, shard writing and shard readers."""
+"""Image data: the embedded synthetic dataset, image sources, shard writing and the two shard readers."""

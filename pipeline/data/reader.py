@@ -17,21 +17,16 @@ import io
 import os
 import tarfile
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .image_batch import augment_pixels, image_batch
 from .manifest import ShardIntegrityError, load_manifest, verify_shards
 from .shards import IMAGE_EXTENSION
-
-
-class ImageBatch(NamedTuple):
-    images: torch.Tensor     # (B, 3, H, W) float32 in [-1, 1]
-    labels: torch.Tensor     # (B,) int64
-    keys: list[str]          # sample keys, e.g. "train_00001234"
+from .stream_reader import make_stream_loader
 
 
 class _TarUnit:
@@ -158,21 +153,6 @@ class ShardedImageDataset(Dataset):
         return augment_pixels(pixels, self.resolution, self.seed, epoch, index, self.random_crop, self.hflip)
 
 
-def augment_pixels(pixels: np.ndarray, resolution: int, seed: int, epoch: int, index: int, random_crop: bool,
-                   hflip: bool) -> np.ndarray:
-    """Random crop / flip of sample `index` in `epoch`, seeded by (seed, epoch, index) alone."""
-    rng = np.random.default_rng([seed, epoch, index, 0xA06])
-    if random_crop:
-        # Reflect-pad by 1/8 of the side, then crop back at a random offset (a small translation).
-        pad = max(1, resolution // 8)
-        padded = np.pad(pixels, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
-        top, left = rng.integers(0, 2 * pad + 1, size=2)
-        pixels = padded[top:top + resolution, left:left + resolution]
-    if hflip and rng.random() < 0.5:
-        pixels = pixels[:, ::-1]
-    return pixels
-
-
 class EpochOrder:
     """Which sample indices a rank reads in an epoch (see the module docstring)."""
 
@@ -230,9 +210,8 @@ class ResumableImageLoader:
         self.epoch, self.samples_consumed = epoch + 1, 0
 
 
-def _collate(samples) -> ImageBatch:
-    images, labels, keys = zip(*samples)
-    return ImageBatch(torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(keys))
+def _collate(samples):
+    return image_batch(*zip(*samples))
 
 
 def indexes_urls(manifest: dict) -> bool:
@@ -252,8 +231,6 @@ def make_image_loader(manifest_or_shard_dir: str | os.PathLike, split: str, batc
     for a manifest that indexes shards by URL (they cannot be read at random)."""
     manifest, _ = load_manifest(manifest_or_shard_dir)
     if reader == "stream" or indexes_urls(manifest):
-        from .stream_reader import make_stream_loader
-
         return make_stream_loader(manifest_or_shard_dir, split, batch_size, rank=rank, world_size=world_size, seed=seed,
                                   shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
                                   random_crop=random_crop, hflip=hflip, epoch=epoch)

@@ -17,7 +17,7 @@ from typing import Iterable
 
 from ..runtime.io import atomic_path
 from ..runner.units import Unit
-from .sources import LoadedImage, encode_image
+from .images import LoadedImage, encode_image
 
 IMAGE_EXTENSION = {"png": "png", "jpeg": "jpg"}
 MDS_SIZE_LIMIT = 1 << 31  # MDSWriter stores offsets as uint32; one unit normally fits one .mds file

@@ -44,8 +44,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
 from ..runtime.errors import StageError
+from .image_batch import ImageBatch, augment_pixels, image_batch
 from .manifest import ShardIntegrityError, load_manifest, verify_shards
-from .reader import ImageBatch, augment_pixels
 from .shards import IMAGE_EXTENSION
 from .urls import FetchOptions, fetch_options, read_shard_samples
 
@@ -76,7 +76,7 @@ def sample_keys(manifest: dict) -> tuple[str, str]:
     return IMAGE_EXTENSION[manifest["image_encoding"]], "cls"
 
 
-def sample_label(sample: dict, label_key: str) -> int:
+def webdataset_label(sample: dict, label_key: str) -> int:
     """The integer label of a webdataset sample: member `cls`-like text, or 'json.FIELD'."""
     member, _, field = label_key.partition(".") if label_key.startswith("json.") else (label_key, "", "")
     if member not in sample:
@@ -171,7 +171,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         try:
             with Image.open(io.BytesIO(sample[self.image_key])) as image:
                 pixels = np.array(image.convert("RGB"))
-            label = sample_label(sample, self.label_key)
+            label = webdataset_label(sample, self.label_key)
         except Exception as err:  # noqa: BLE001 -- not listed as corrupt by the shard stage: the shard changed
             raise ShardIntegrityError(f"shard {shard.url}: sample {key} cannot be decoded ({type(err).__name__}: "
                                       f"{err}) though the shard stage read it; rerun it with --force") from err
@@ -189,7 +189,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         progress = {}
         for position, n in zip(positions, consumed):
             progress[position] = n  # in order: the last entry of a shard is its furthest point
-        batch = ImageBatch(torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(keys))
+        batch = image_batch(images, labels, keys)
         return batch, progress, self.worker_slot()
 
     def pipeline(self):

@@ -29,8 +29,8 @@ from ..runtime.io import atomic_write_json, sha256_json
 from ..runtime.errors import StageError
 from ..runner.units import Unit
 from .shards import encode_loaded, write_shard
-from .sources import LoadedImage, center_crop_resize
-from .stream_reader import sample_label
+from .images import LoadedImage, center_crop_resize
+from .stream_reader import webdataset_label
 from .urls import expand_shard_urls, fetch_options, read_shard_samples
 
 INDEX_SUFFIX = ".index.json"
@@ -88,7 +88,7 @@ def _decode(sample: dict, image_key: str, label_key: str, num_classes: int) -> t
     """(RGB image, label) of a webdataset sample; raises for a corrupt one."""
     if image_key not in sample:
         raise KeyError(f"no '{image_key}' member (has {sorted(k for k in sample if not k.startswith('__'))})")
-    label = sample_label(sample, label_key)
+    label = webdataset_label(sample, label_key)
     if not 0 <= label < num_classes:
         raise ValueError(f"label {label} is not in [0, data.num_classes={num_classes})")
     with warnings.catch_warnings():

@@ -17,7 +17,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from ..data.sample_shards import iter_npz_images, read_npz_header
+from ..generation.sample_files import iter_npz_images, read_npz_header
 from ..runtime.errors import StageError
 from ..runtime.validate import check_reference_archive
 from .inception import UNCALIBRATED, inception_features
@@ -106,7 +106,7 @@ def compute_metrics(features: dict[str, torch.Tensor], reference: dict | None, m
 
 def leaderboard_row(model: str, parameters: int | None, tokens: str, sampling: str, metrics: dict, num_samples: int,
                     reference: str) -> str:
-    """One markdown table row (header included) for README / BENCHMARKS tables."""
+    """One markdown table row (header included) for markdown reports (leaderboard.md)."""
     def cell(*names):
         for n in names:
             if n in metrics:

@@ -1,5 +1,6 @@
 """Generation: drawing code sequences from a prior (KV-cached, guided, per-sample seeded) and
-decoding them to images. The `sample` stage drives these; models stay pure."""
+decoding them to images, and the files the samples are stored in (sample_files.py). The `sample`
+stage drives these; models stay pure."""
 
 
 def sample_codes(model, labels, indices, seed, opts=None):

@@ -77,7 +77,9 @@ def filter_logits(logits_BK: torch.Tensor, temperature: float = 1.0, top_k: int 
     Masked entries (-inf logits, e.g. forbidden DQ positions) stay at probability 0. Top-p keeps
     the smallest set of most likely tokens whose mass reaches p (the token that crosses p is kept).
     """
-    logits = logits_BK.float() / temperature
+    logits = logits_BK.float()
+    if temperature != 1.0:  # x / 1.0 == x: skip one full pass over the logits per drawn token
+        logits = logits / temperature
     K = logits.shape[-1]
     if 0 < top_k < K:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]

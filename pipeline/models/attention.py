@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -96,10 +95,12 @@ class SelfAttention(nn.Module):
         """key_mask_BL: bool over all keys so far (cached + new), True = a real token (not padding)."""
         B, L, E = x_BLE.shape
         dropout_p = self.attn_dropout if self.training else 0.0
-        split = "b l (h d) -> b h l d"
-        q = rearrange(self.query(x_BLE), split, h=self.n_head)
-        k = rearrange(self.key(x_BLE), split, h=self.n_head)
-        v = rearrange(self.value(x_BLE), split, h=self.n_head)
+        # view + transpose instead of einops: the same strided views without parsing a pattern per call
+        # (cached generation runs these once per token and layer, where per-call overhead shows).
+        def heads(t_BLE: torch.Tensor) -> torch.Tensor:
+            return t_BLE.view(B, L, self.n_head, E // self.n_head).transpose(1, 2)
+
+        q, k, v = heads(self.query(x_BLE)), heads(self.key(x_BLE)), heads(self.value(x_BLE))
         if cache is not None:
             k, v = cache.append(k, v)
         n_key = k.shape[2]
@@ -107,7 +108,7 @@ class SelfAttention(nn.Module):
             # flash-attn aligns a shorter query block to the end of the keys (bottom-right causal).
             y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                 dropout_p=dropout_p, causal=True)
-            y = rearrange(y, "b l h d -> b l (h d)")
+            y = y.reshape(B, L, E)
         else:
             if key_mask_BL is None and n_key == L:
                 mask, causal = None, True
@@ -119,7 +120,7 @@ class SelfAttention(nn.Module):
                     # A padding query would see no key at all (NaN): it always sees itself.
                     mask = (mask & key_mask_BL[:, None, None, :].bool()) | _diagonal(L, n_key, x_BLE.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
-            y = rearrange(y, "b h l d -> b l (h d)")
+            y = y.transpose(1, 2).reshape(B, L, E)
         return self.resid_drop(self.proj(y))
 
 

@@ -6,12 +6,12 @@ The chosen features are merged into one fine-grid map (coarse cells copied 2x2),
 single shared VQ, and decoded by a decoder that adds 2-D position embeddings, since the copied
 coarse codes otherwise carry no information about where inside the region a cell lies.
 
-By default training follows the authors' code (issue 12; README "Fidelity to the authors'
-tokenizers"), each item switchable by its `tokenizer.*` key: the learned router's gradient comes
-from multiplying the chosen branch by its hard gate (`dq_gate_on_chosen`), the VQ loss / EMA use
-the authors' weighting (`dq_unweighted_vq`, in the quantizer), the entropy router uses a
-Gaussian-kernel histogram (`dq_gaussian_entropy`), and the router's GroupNorm and the decoder's
-Fourier + row/column position embedding are theirs (`dq_authors_layers`).
+By default training follows the authors' code (docs/fidelity.md), each item switchable by its
+`tokenizer.*` key: the learned router's gradient comes from multiplying the chosen branch by its
+hard gate (`dq_gate_on_chosen`), the VQ loss / EMA use the authors' weighting (`dq_unweighted_vq`,
+in the quantizer), the entropy router uses a Gaussian-kernel histogram (`dq_gaussian_entropy`), and
+the router's GroupNorm and the decoder's Fourier + row/column position embedding are theirs
+(`dq_authors_layers`).
 """
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ class DQTokenizer(Tokenizer):
         self.target_ratio = cfg.target_ratio
         self.gumbel_tau, self.coarse_vq_weight, self.entropy_bins = cfg.gumbel_tau, cfg.coarse_vq_weight, cfg.entropy_bins
         self.coarse_side = resolution // cfg.downsample_factor
-        # Issue 12 fidelity switches (see the module docstring); each follows tokenizer.reference_behaviour.
+        # Fidelity switches (see the module docstring); each follows tokenizer.reference_behaviour.
         self.gate_on_chosen = fidelity(cfg, "dq_gate_on_chosen")
         self.entropy_kernel = "gaussian" if fidelity(cfg, "dq_gaussian_entropy") else "triangular"
         self.entropy_sigma = getattr(cfg, "entropy_sigma", 0.01)
@@ -245,7 +245,7 @@ class DQTokenizer(Tokenizer):
         return self.decoder(self.position_bias(h) if self.authors_layers else h + self.pos_embed)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A DQ tokenizer saved before issue 12 has one learned position map and adaptive router groups.
+        # A DQ tokenizer saved before the fidelity switches existed has one learned position map and adaptive router groups.
         if self.authors_layers and prefix + "pos_embed" in state_dict:
             raise RuntimeError("this DQ tokenizer was trained with the single learned position map (before the "
                                "authors' layers became the default): load it with tokenizer.dq_authors_layers: false")

@@ -5,14 +5,13 @@ The codebook is not a parameter: it is learned by EMA of assignment statistics, 
 registered buffers (`embed`, `cluster_size`, `embed_sum`) together with the counters that make
 dead-code restarts reproducible (`update_step`) -- a state_dict therefore resumes exactly.
 
-Training follows the authors' code by default (issue 12; README "Fidelity to the authors'
-tokenizers"): with a shared codebook the EMA step, and the restarts, run after each depth, so depth
-d+1 searches the codebook that depth d's assignments just moved (`per_depth_update`); restarts
-(`authors_restart`) start from EMA sizes 0, give every dead code a row of a seeded permutation of
-that depth's inputs (tiled with small uniform noise when there are fewer inputs than codes) and
-store it in the EMA statistics, so the code is that vector / its smoothed size; with weights (DQ),
-`authors_weighting` makes the loss (1+beta)*mean(w*(z-q)^2) in value, beta*... in gradient, and
-the EMA unweighted.
+Training follows the authors' code by default (docs/fidelity.md): with a shared codebook the EMA
+step, and the restarts, run after each depth, so depth d+1 searches the codebook that depth d's
+assignments just moved (`per_depth_update`); restarts (`authors_restart`) start from EMA sizes 0,
+give every dead code a row of a seeded permutation of that depth's inputs (tiled with small uniform
+noise when there are fewer inputs than codes) and store it in the EMA statistics, so the code is
+that vector / its smoothed size; with weights (DQ), `authors_weighting` makes the loss
+(1+beta)*mean(w*(z-q)^2) in value, beta*... in gradient, and the EMA unweighted.
 """
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ class TokenizerConfig:
                                    "pipeline.models.dq.calibrate_entropy_threshold before training)", ge=2)
     entropy_sigma: float = option(0.01, "dq entropy router: width of the Gaussian histogram kernel (dq_gaussian_entropy)",
                                   gt=0.0)
-    # Fidelity to the authors' training code (issue 12; README "Fidelity to the authors' tokenizers").
+    # Fidelity to the authors' training code (docs/fidelity.md).
     # Each per-item key left null follows reference_behaviour.
     reference_behaviour: bool = option(True, "train as the authors' RQ-VAE / DQ-VAE code does; each per-item key below "
                                              "overrides it when set (null: follow this)")
@@ -138,7 +138,7 @@ _DEMO_ARCH = dict(patch_size=4, ch=64, ch_mult=[1, 2], num_res_blocks=2, attn_re
                   codebook_size=256, lpips_weight=0.0, gan_weight=0.0, recon_loss="l2")
 
 TOKENIZER_PRESETS: dict[str, dict] = {
-    # Paper settings (REFERENCE.md): 256 px -> 8x8x4 with K=16384 (ImageNet) or 2048 (FFHQ).
+    # Paper settings (the RQ-VAE paper's and the authors' released configs): 256 px -> 8x8x4 with K=16384 (ImageNet) or 2048 (FFHQ).
     "rq-imagenet256-8x8x4": dict(_RQ_PAPER, codebook_size=16384),
     "rq-ffhq256-8x8x4": dict(_RQ_PAPER, codebook_size=2048, attn_resolutions=[16]),
     "vq-imagenet256-16x16": dict(_RQ_PAPER, kind="vq", depth=1, ch_mult=[1, 1, 2, 2, 4], attn_resolutions=[16],
@@ -151,7 +151,7 @@ TOKENIZER_PRESETS: dict[str, dict] = {
     # CPU demos (32-64 px, minutes on 2 cores). LPIPS/GAN are off: no VGG weights can be downloaded here.
     # A 4x4 pixel-unshuffle stem and two levels (8x8, then the 4x4 code grid at 32 px): the same
     # downsampling as four plain levels at under half the compute, which buys the steps that make
-    # the difference in a 3-minute CPU budget (README: what the demos reach).
+    # the difference in a 3-minute CPU budget (docs/stages.md: what the CPU demos reach).
     "rq-demo": dict(_DEMO_ARCH, kind="rq", depth=4, shared_codebook=True),
     "vq-demo": dict(_DEMO_ARCH, kind="vq", depth=1),
     "dq-demo": dict(_DEMO_ARCH, kind="dq", depth=1, granularities=2, router="learned", target_ratio=0.5,

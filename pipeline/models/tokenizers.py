@@ -72,7 +72,7 @@ def _arch_kwargs(cfg) -> dict:
 
 
 def quantizer_kwargs(cfg) -> dict:
-    from .tokenizer_config import fidelity  # issue 12: the authors' EMA / restart behaviour unless switched off
+    from .tokenizer_config import fidelity  # the authors' EMA / restart behaviour unless switched off
 
     return dict(decay=cfg.ema_decay, eps=cfg.ema_eps, beta=cfg.beta, dead_code_threshold=cfg.dead_code_threshold,
                 kmeans_init=cfg.kmeans_init, per_depth_update=fidelity(cfg, "ema_per_depth"),

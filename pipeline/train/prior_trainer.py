@@ -30,7 +30,7 @@ from ..runtime.progress import progress
 from .checkpoint import RECORD, CheckpointManager, load_pt, resume_newest
 from .ema import WeightEMA
 from .engine import engine_meta, make_engine
-from .prior_engine import UNIVERSAL_DONE, decay_groups, newest_world_size, prior_deepspeed_config, to_universal
+from .prior_deepspeed import UNIVERSAL_DONE, decay_groups, newest_world_size, prior_deepspeed_config, to_universal
 from .rng import capture_rng_state, restore_rng_state
 from .schedule import warmup_cosine
 from .signals import PreemptionGuard, Preempted

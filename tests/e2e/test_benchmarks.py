@@ -31,6 +31,8 @@ def test_rate_distortion_quick(tmp_path):
     assert result["reference"]["class_acc_originals"] > 0.6 and result["budget"]["synthetic_style"] == "shapes"
     assert (tmp_path / "results/rate_distortion.png").stat().st_size > 10_000
     assert "| RQ 4x4x2 |" in proc.stdout                              # the markdown table is printed
+    section = json.loads((tmp_path / "results/section.json").read_text())  # the report's section, valid
+    assert section["tables"][0]["rows"][1][0] == "RQ 4x4x2" and section["images"][0]["path"].endswith(".png")
 
 
 def test_prior_training_step_benchmark_runs_the_gpu_suite_code_path_on_cpu(tmp_path):
@@ -41,18 +43,23 @@ def test_prior_training_step_benchmark_runs_the_gpu_suite_code_path_on_cpu(tmp_p
                            "--codebook-size", "64", "--code-dim", "16", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = json.loads(out.read_text())["rows"]
+    section = json.loads(out.read_text())
+    (row,) = section["data"]["rows"]
+    assert section["tables"][0]["rows"][0][0] == row["backend"]
     assert row["tokens_per_s"] > 0 and row["zero_stage"] == 2 and row["grad_checkpointing"] is True
     assert abs(row["loss"] - 4.16) < 0.5  # ln 64 at initialisation
 
 
 def test_data_throughput_quick(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks/data_throughput.py"), "--num-64", "48",
-                           "--num-256", "8", "--workers", "0,1", "--out-dir", str(tmp_path)],
+                           "--num-256", "8", "--workers", "0,1", "--out", str(tmp_path / "data_throughput.json")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "data_throughput.json").read_text())["rows"]
+    section = json.loads((tmp_path / "data_throughput.json").read_text())
+    rows = section["data"]["rows"]
     assert len(rows) == 2 * 5 * 2  # resolutions x readers x worker counts
     # Every reader delivered the whole split (timings are not asserted).
     assert all(r["images"] == (48 if r["resolution"] == 64 else 8) and r["images_per_s"] > 0 for r in rows)
-    assert "| 64 | stream reader, pipe:cat URL | 1 |" in proc.stdout
+    # One table row per reader, one column per resolution x worker count.
+    assert len(section["tables"][0]["rows"]) == 5 and len(section["tables"][0]["columns"]) == 1 + 2 * 2
+    assert "| stream reader, pipe:cat URL |" in proc.stdout

@@ -98,7 +98,7 @@ def test_every_stage_finishes_with_its_outputs_and_the_summary(finished):
     assert done(run_dir, "shard")["counts"]["train_images"] == 96
     tok = done(run_dir, "train_tokenizer")["metrics"]
     assert tok["codes_per_image"] == 8 * 8 * 4 and tok["rfid_images"] == 32 and tok["rfid_uncalibrated"] > 0
-    assert 5 < tok["psnr"] < 60  # 8 steps: a number, not quality (the demo section of README reports quality)
+    assert 5 < tok["psnr"] < 60  # 8 steps: a number, not quality (BENCHMARKS.md reports the demo quality)
     assert done(run_dir, "precompute_codes")["counts"]["images"] == 128
     assert np.isfinite(done(run_dir, "train_prior")["metrics"]["val_loss"])
     with np.load(run_dir / "sample" / "samples.npz") as archive:

@@ -19,7 +19,7 @@ from pipeline.config.root import load_config
 from pipeline.models.dq_order import dq_codes_from_tokens
 from pipeline.data.reader import ShardedImageDataset
 from pipeline.runtime.io import sha256_file
-from pipeline.runner.stage import StageError, available_stages, run_stage
+from pipeline.runner.stage import StageError, run_stage
 from pipeline.runner.units import UnitWork, unit_digest
 from stages.precompute_codes import CodesJob
 
@@ -67,8 +67,18 @@ def runs(tmp_path_factory):
     return out
 
 
-def test_stage_is_listed_for_tessera_run():
-    assert "precompute_codes" in available_stages()
+def test_tessera_run_runs_the_stage_in_pipeline_order(runs, tmp_path):
+    """`tessera run --stages` given out of order runs shard (done: skipped) and then precompute_codes,
+    which writes what the stage runner wrote; a second run skips it."""
+    run_dir = copy_inputs(runs["rq"]["base"], tmp_path)
+    out = tessera("run", CONFIGS["rq"], "--run-dir", str(run_dir), "--stages", "precompute_codes,shard", *TINY)
+    reported = [line for line in out.stdout.splitlines() if line.startswith("[tessera] ") and ": " in line][:2]
+    assert reported == ["[tessera] shard: skipped", "[tessera] precompute_codes: done"], out.stdout
+    ref = runs["rq"]["ref"] / "precompute_codes"
+    assert (run_dir / "precompute_codes/manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
+    assert unit_hashes(run_dir / "precompute_codes") == unit_hashes(ref)
+    again = tessera("run", CONFIGS["rq"], "--run-dir", str(run_dir), "--stages", "precompute_codes", *TINY)
+    assert "[tessera] precompute_codes: skipped" in again.stdout
 
 
 def test_rq_codes_equal_the_tokenizers_and_decode_alike(runs):

@@ -60,7 +60,7 @@ def outputs(run_dir, stage) -> dict:
 
 
 def wait_for_jobs(run_dir, timeout_s=400):
-    from launchers.jobs import live_jobs
+    from launchers.job_records import live_jobs
 
     deadline = time.monotonic() + timeout_s
     while live_jobs(run_dir):
@@ -69,7 +69,7 @@ def wait_for_jobs(run_dir, timeout_s=400):
 
 
 def wait_for_job(job_id, timeout_s=120):
-    from launchers.jobs import LIVE_STATES, job_states
+    from launchers.job_records import LIVE_STATES, job_states
 
     deadline = time.monotonic() + timeout_s
     while any(state in LIVE_STATES for state in job_states(job_id)[0]):
@@ -86,7 +86,7 @@ def wait_for_training(log: Path, run_dir, timeout_s=120):
 
 
 def job_output(run_dir, stage) -> Path:
-    from launchers.jobs import latest_jobs
+    from launchers.job_records import latest_jobs
 
     return Path(latest_jobs(run_dir)[stage]["output"].replace("%t", "0"))
 
@@ -134,7 +134,7 @@ def test_submitit_job_preempted_mid_training_requeues_and_ends_with_the_same_wei
     run_dir = copy_until_prior(local_run, tmp_path / "preempt")
     tessera("submit", "configs/demo-rq.yaml", "--run-dir", str(run_dir), "--stages", "train_prior", *RUN, *LAUNCH,
             env_extra=FAST_PROGRESS)
-    from launchers.jobs import latest_jobs
+    from launchers.job_records import latest_jobs
 
     job_id = latest_jobs(run_dir)["train_prior"]["job_id"]
     wait_for_training(job_output(run_dir, "train_prior"), run_dir)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from testkit import TINY_TOKENIZER, run_signalled, tessera
+from testkit import REPO, TINY_TOKENIZER, run_signalled, tessera
+from pipeline.config.root import load_config
 from pipeline.runner.artifacts import load_prior
 from pipeline.losses.prior_loss import rq_prior_loss, soft_target_cross_entropy
 
@@ -212,14 +213,73 @@ def test_config_mistakes_are_clear(codes_run, tmp_path):
     assert out.returncode != 0 and "store_latents" in out.stderr
 
 
-def test_soft_targets_train_and_equal_cross_entropy_as_tau_goes_to_0(codes_run, tmp_path):
+def recomputed_val_losses(run_dir, tau: float) -> tuple[float, float]:
+    """(soft-target loss against Q_tau of the stored latents, cross-entropy on the stored codes) of
+    the exported prior over every val sample, computed here from the files."""
+    from pipeline.data.code_reader import make_code_loader
+    from pipeline.runner.artifacts import load_tokenizer
+
+    tok, prior = load_tokenizer(run_dir / "train_tokenizer"), load_prior(run_dir / "train_prior")
+    loader = make_code_loader(run_dir / "precompute_codes", "val", 16, shuffle=False, drop_last=False)
+    batch = next(iter(loader))
+    assert len(batch["label"]) == 16  # the whole val split, as prior_train.eval_images=16 evaluates
+    codes = batch["codes_HWD"]
+    with torch.no_grad():
+        soft_targets, _ = tok.quantizer.soft_codes(batch["latent_CHW"].float(), tau)
+        logits = prior(codes, batch["label"])
+        soft, _ = rq_prior_loss(logits, codes, soft_targets)
+        hard, _ = rq_prior_loss(logits, codes)
+    return float(soft), float(hard)
+
+
+def test_soft_targets_are_the_validation_loss(codes_run, tmp_path):
+    """With soft targets val_loss is the loss against Q_tau of the stored latents (recomputed here
+    from the files), not the cross-entropy on the stored codes."""
     run_dir = fresh(codes_run, tmp_path)
     run_prior(run_dir, "prior_train.steps=4", "prior_train.targets=soft", "prior_train.engine=ddp")
-    assert done(run_dir)["metrics"]["val_loss"] > 0
+    tau = load_config(str(REPO / "configs/demo-rq.yaml"), CODES).tokenizer.soft_tau
+    soft_loss, hard_loss = recomputed_val_losses(run_dir, tau)
+    assert done(run_dir)["metrics"]["val_loss"] == pytest.approx(soft_loss, rel=1e-4)
+    assert hard_loss != pytest.approx(soft_loss, rel=1e-2)  # so the check above tells the two apart
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_stochastic_codes_are_the_training_inputs(codes_run, tmp_path, stochastic):
+    """prior_train.stochastic_codes: in training the prior reads codes drawn from Q_tau with the
+    step's per-sample uniforms (not the stored argmin codes); in evaluation, and with the option
+    off, it reads the stored codes."""
+    import logging
+
+    from pipeline.runtime.dist import DistEnv
+    from pipeline.train.prior_trainer import PriorTrainer
+
+    run_dir = fresh(codes_run, tmp_path)
+    cfg = load_config(str(REPO / "configs/demo-rq.yaml"), [*CODES, *PRIOR, "prior_train.targets=soft",
+                                                           "prior_train.engine=ddp",
+                                                           f"prior_train.stochastic_codes={str(stochastic).lower()}"])
+    trainer = PriorTrainer(cfg, DistEnv(), torch.device("cpu"), run_dir, run_dir / "train_prior",
+                           logging.getLogger("test_train_prior"))
+    seen = []
+    forward = trainer.model.forward
+    trainer.model.forward = lambda codes, labels=None: forward(seen.append(codes) or codes, labels)
+    batch = next(iter(trainer.train_loader))
+    stored = batch["codes_HWD"]
+    draws = trainer._draws(batch)
+    with torch.no_grad():
+        trainer.batch_loss(batch, draws, train=True)
+        trainer.batch_loss(batch, None, train=False)
+    _, drawn = trainer.tokenizer.quantizer.soft_codes(batch["latent_CHW"].float(), cfg.tokenizer.soft_tau,
+                                                      sample=True, uniforms_BHWD=draws[:, 1:].reshape(stored.shape))
+    assert not torch.equal(drawn, stored)  # Q_tau is not one-hot here: the draws leave the argmin codes
+    assert torch.equal(seen[0], drawn if stochastic else stored)
+    assert torch.equal(seen[1], stored)
+
+
+def test_soft_targets_equal_cross_entropy_as_tau_goes_to_0(codes_run):
     # Q_tau -> one-hot at the argmin codes as tau -> 0, so the soft loss becomes plain CE.
     from pipeline.runner.artifacts import load_tokenizer
 
-    tok = load_tokenizer(run_dir / "train_tokenizer")
+    tok = load_tokenizer(codes_run / "train_tokenizer")
     latent = tok.encode_latent(torch.rand(2, 3, 16, 16) * 2 - 1)
     probs, codes = tok.quantizer.soft_codes(latent, 1e-6)
     logits = torch.randn(*codes.shape, 32)

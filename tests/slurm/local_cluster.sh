@@ -7,7 +7,7 @@
 #
 # Idempotent: `start` on a running cluster returns at once. Needs root (apt-get, /etc/slurm).
 # No accounting (slurmdbd): `tessera status` reads job states from squeue / scontrol, which is
-# enough here. Pitfalls (../shared/notes/ENVIRONMENT.md): munged refuses to run as root, and
+# enough here. Pitfalls: munged refuses to run as root, and
 # requeued jobs wait for the credential to expire (cred_expire=10 keeps that to seconds).
 set -euo pipefail
 

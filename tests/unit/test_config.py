@@ -109,17 +109,25 @@ def test_runtime_and_ignored_keys_do_not_change_the_hash(repo_root):
     assert a.section_hash(["data"], ignore=["data.hflip"]) == b.section_hash(["data"], ignore=["data.hflip"])
 
 
-def test_readme_configuration_reference_is_generated_from_the_typed_config(repo_root):
+def test_configuration_reference_is_generated_from_the_typed_config(repo_root, tmp_path):
+    from pipeline.config.reference import DOCUMENT, current_block, main, render
     from pipeline.config.root import config_keys
-    from pipeline.config.reference import BEGIN, END, render
 
-    readme = (repo_root / "README.md").read_text()
-    block = readme[readme.index(BEGIN):readme.index(END) + len(END)] + "\n"
-    assert block == render(), "README's configuration reference is stale: python -m pipeline.config.reference --write README.md"
+    document = repo_root / DOCUMENT
+    block = current_block(document.read_text())
+    assert block == render(), f"{DOCUMENT} is stale: python -m pipeline.config.reference --write {DOCUMENT}"
+    assert main(["--check", str(document)]) == 0
     # Every key `tessera config --keys` knows is documented, with its help text.
     for line in config_keys():
         key = line.split(" ", 1)[0]
         assert f"| `{key}` |" in block, key
+    # A stale copy is caught by --check and repaired by --write, leaving the text around the block alone.
+    stale = tmp_path / "configuration.md"
+    stale.write_text("intro\n\n" + block.replace("| `seed` |", "| `seed_old` |") + "\nafter\n")
+    assert main(["--check", str(stale)]) == 1
+    assert main(["--write", str(stale)]) == 0
+    assert stale.read_text() == "intro\n\n" + render() + "\nafter\n"
+    assert main(["--check", str(stale)]) == 0
 
 
 def test_a_key_added_since_a_stage_was_recorded_is_no_change_at_its_default():

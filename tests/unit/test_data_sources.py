@@ -4,7 +4,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config.schema import ConfigError
-from pipeline.data.sources import ImageFolderSource, center_crop_resize, decode_image_file
+from pipeline.data.images import center_crop_resize, decode_image_file
+from pipeline.data.sources import ImageFolderSource
 
 
 def _save(path, size=(40, 30), color=(200, 10, 10), fmt=None):

@@ -1,4 +1,4 @@
-"""Issue 12, DQ-VAE items 3-7: our default against float64 re-derivations of the authors' formulas
+"""DQ-VAE items 3-7 of docs/fidelity.md: our default against float64 re-derivations of the authors' formulas
 (CrossmodalGroup/DynamicVectorQuantization: EncoderDual, budget, quantize2_mask, RouterDual,
 DecoderPositional / fourier_embedding, dqvae_dual_entropy's Entropy), written from the formulas.
 """
@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from testkit import trace_dq_forward
 
 from pipeline.config.schema import build_section
 from pipeline.losses import budget_loss
@@ -136,10 +137,22 @@ def test_item5_vq_loss_and_ema_follow_the_authors_weighting():
     assert out_ours.loss.item() != pytest.approx(out.loss.item(), rel=1e-3)
 
 
-def test_item5_dq_model_passes_the_coarse_weights_to_an_authors_weighted_quantizer():
-    model = build_tokenizer(_cfg(), 16)
-    assert model.quantizer.authors_weighting
-    assert not build_tokenizer(_cfg(dq_unweighted_vq=False), 16).quantizer.authors_weighting
+@pytest.mark.parametrize("authors", [True, False])
+def test_item5_dq_model_loss_weighs_its_coarse_cells(authors):
+    """The VQ loss the DQ model reports, recomputed from its own latent, codebook and router gates:
+    coarse copies weigh a quarter, fine cells 1, in the authors' form or in ours (dq_unweighted_vq)."""
+    torch.manual_seed(0)
+    model = build_tokenizer(_cfg(dq_unweighted_vq=authors), 16).train()
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    seen, aux = trace_dq_forward(model, images)
+    fine_N = rearrange(seen["fine_BHW"], "b h w -> (b h w)")
+    assert 0 < fine_N.double().mean() < 1  # both kinds of region, so the weights matter
+    w_N = torch.where(fine_N, 1.0, 0.25).double()
+    z_NC = rearrange(seen["z"], "b c h w -> (b h w) c")
+    err_N = ((seen["book"][torch.cdist(z_NC, seen["book"]).argmin(1)] - z_NC) ** 2).mean(1)
+    beta = 0.25
+    expected = (1 + beta) * (w_N * err_N).mean() if authors else beta * (w_N * err_N).sum() / w_N.sum()
+    assert aux.quant_loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 # ---- item 6: entropy statistic -----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Issue 12, RQ-VAE items 1-2: our default training step against a float64 re-derivation of the
+"""RQ-VAE items 1-2 of docs/fidelity.md: our default training step against a float64 re-derivation of the
 authors' RQBottleneck / VQEmbedding (kakaobrain/rq-vae-transformer, rqvae/models/rqvae/quantizations.py).
 
 The re-derivation below is written from their formulas, not copied: per depth, argmin search on the

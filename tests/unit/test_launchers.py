@@ -12,7 +12,7 @@ import pytest
 
 from testkit import REPO, TINY_TOKENIZER, tessera
 from launchers.graph import build_graph, job_spec
-from launchers.job import StageJob
+from launchers.stage_job import StageJob
 from launchers.sbatch_chain import sbatch_command
 from pipeline.config.root import load_config
 from pipeline.config.schema import ConfigError

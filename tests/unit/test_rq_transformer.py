@@ -90,7 +90,7 @@ def test_label_dropout_and_conditioning_checks():
         sample_rq(uncond, None, [0], seed=0, opts=SamplingOptions(cfg_scale=2.0))
 
 
-# Parameter counts of the authors' models (their code on the meta device; REFERENCE.md).
+# Parameter counts of the authors' models (their code on the meta device, from their released configs).
 AUTHORS = {"rq-480m": (16384, 480_921_088), "rq-821m": (16384, 820_899_328), "rq-1.4b": (16384, 1_387_529_728),
            "rq-3.8b": (16384, 3_822_488_064), "rq-ffhq-355m": (2048, 355_393_536)}
 

@@ -140,7 +140,22 @@ def test_cli_status(tmp_path, fake_stage, cfg, capsys):
     assert "done" in capsys.readouterr().out
 
 
-def test_unimplemented_stage_message():
-    with pytest.raises(StageError, match="unknown stage"):
-        stage_mod.load_stage_module("bogus")
-    assert "torch" in stage_mod.package_versions()
+def test_unknown_stage_is_refused_naming_the_stages():
+    # A name that is a module in stages/ but not a stage must be refused too, before any import.
+    for name in ("bogus", "__init__"):
+        with pytest.raises(StageError) as err:
+            stage_mod.load_stage_module(name)
+        assert str(err.value) == f"unknown stage {name!r}; stages are: {', '.join(stage_mod.STAGE_NAMES)}"
+
+
+def test_every_stage_is_implemented_and_runnable():
+    assert stage_mod.available_stages() == list(stage_mod.STAGE_NAMES)
+    for name in stage_mod.STAGE_NAMES:
+        module = stage_mod.load_stage_module(name)
+        assert module.NAME == name and callable(module.run)
+
+
+def test_package_versions_name_the_installed_torch():
+    import torch
+
+    assert stage_mod.package_versions()["torch"].split("+")[0] == torch.__version__.split("+")[0]

@@ -3,6 +3,7 @@ import dataclasses
 
 import pytest
 import torch
+from testkit import trace_dq_forward
 
 from pipeline.config.schema import ConfigError, build_section
 from pipeline.losses import budget_loss
@@ -168,19 +169,17 @@ def test_dq_budget_loss_moves_fine_ratio_to_target():
     assert start > 0.6 and abs(end - 0.1) < 0.15, (start, end)
 
 
-def test_dq_coarse_cells_weigh_a_quarter_in_vq_loss():
+@pytest.mark.parametrize("coarse_weight", [0.25, 0.4])
+def test_dq_coarse_cells_weigh_coarse_vq_weight_in_vq_loss(coarse_weight):
+    """Each fine-grid cell that copies a coarse code weighs tokenizer.coarse_vq_weight in the
+    quantizer, each cell of a fine region 1: checked cell by cell against the router's own gates."""
     torch.manual_seed(0)
-    model = build_tokenizer(_tiny_dq(coarse_vq_weight=0.25), 16).train()
-    seen = {}
-    orig = model.quantizer.forward
-
-    def spy(z, weight_BHW=None):
-        seen["w"] = weight_BHW
-        return orig(z, weight_BHW)
-
-    model.quantizer.forward = spy
-    model(structured_images(2, 16))
-    assert set(seen["w"].unique().tolist()) <= {0.25, 1.0}
+    model = build_tokenizer(_tiny_dq(coarse_vq_weight=coarse_weight), 16).train()
+    seen, _ = trace_dq_forward(model, structured_images(2, 16))
+    fine_BHW = seen["fine_BHW"]
+    assert 0 < fine_BHW.float().mean() < 1  # both kinds of region occur, so the map below says something
+    expected_BHW = torch.where(fine_BHW, 1.0, coarse_weight)
+    torch.testing.assert_close(seen["w"], expected_BHW, rtol=0, atol=1e-7)
 
 
 def test_entropy_router_calibration_hits_target_and_picks_textured_patches():

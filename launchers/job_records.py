@@ -10,7 +10,6 @@ and, when the cluster keeps accounting, from `sacct` after that.
 from __future__ import annotations
 
 import fcntl
-import json
 import shutil
 import subprocess
 import time
