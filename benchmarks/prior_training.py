@@ -6,6 +6,8 @@ Two modes:
          demo codes, for ZeRO 0/2/3 x 1 and 2 processes (CPU, gloo). tokens/s is the median of
          the per-step TensorBoard scalar over the steps after a warm-up.
              python benchmarks/prior_training.py stage --run-dir /tmp/bench-codes
+             python benchmarks/prior_training.py stage --run-dir /tmp/bench-codes --slurm-nodes 2 --nprocs 2
+               (the same ranks spread over 2 nodes of a SLURM cluster, e.g. tests/slurm/local_cluster.sh's)
          (--run-dir: a run whose precompute_codes is done, e.g. after `make run`; created with a
          short tokenizer when missing)
 
@@ -89,15 +91,35 @@ def run_stage_mode(args) -> list[dict]:
                 cmd += tokenizer
                 env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // nproc))}
                 start = time.perf_counter()
-                subprocess.run(cmd, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+                if args.slurm_nodes:
+                    run_on_slurm(cmd, run, args.slurm_nodes, nproc, env)
+                else:
+                    subprocess.run(cmd, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
                 wall = time.perf_counter() - start
                 tok = scalar_values(run / "tensorboard" / "train_prior", "train/tokens_per_s")[args.warmup:]
-                row = {"mode": "stage", "zero_stage": zero, "processes": nproc, "batch": args.batch_size,
+                row = {"mode": "stage", "zero_stage": zero, "processes": nproc, "nodes": args.slurm_nodes or 1,
+                       "launcher": "tessera submit (SLURM)" if args.slurm_nodes else "torchrun", "batch": args.batch_size,
                        "steps_timed": len(tok), "tokens_per_s": statistics.median(tok) if tok else None,
                        "stage_wall_s": round(wall, 1)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     return rows
+
+
+def run_on_slurm(cmd: list[str], run: Path, nodes: int, nproc: int, env: dict) -> None:
+    """The same stage as `tessera submit` on `nodes` nodes x nproc/nodes ranks; returns when the job ended."""
+    from launchers.job_records import live_jobs
+
+    if nproc % nodes:
+        raise SystemExit(f"--nprocs {nproc} does not split over --slurm-nodes {nodes}")
+    submit = [sys.executable, "-m", "pipeline.cli", "submit", *cmd[cmd.index("run") + 1:],
+              f"launcher.train_prior.nodes={nodes}", f"launcher.train_prior.tasks_per_node={nproc // nodes}",
+              "launcher.train_prior.cpus_per_task=1", "launcher.train_prior.mem_gb=1"]
+    subprocess.run(submit, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+    while live_jobs(run):
+        time.sleep(1)
+    if not (run / "train_prior" / "done.json").is_file():
+        raise SystemExit(f"the SLURM job did not finish train_prior; see {run / 'slurm' / 'train_prior'}")
 
 
 # ---- step mode ------------------------------------------------------------------------------
@@ -263,6 +285,8 @@ def main() -> None:
     s.add_argument("--warmup", type=int, default=10)
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--threads", type=int, default=2, help="CPU threads shared by the processes")
+    s.add_argument("--slurm-nodes", type=int, default=0, help="run each stage through `tessera submit` on this "
+                   "many nodes of the SLURM cluster here (0: torchrun on this machine)")
     s.add_argument("--tokenizer-steps", type=int, default=200, help="tokenizer steps of the codes run it makes "
                    "(0: the demo config's own, e.g. for a `make run` directory)")
     t = sub.add_parser("step")
@@ -281,7 +305,8 @@ def main() -> None:
     args = p.parse_args()
     rows = run_stage_mode(args) if args.mode == "stage" else run_step_mode(args)
     device = getattr(args, "device", "cpu")
-    out = Path(args.out) if args.out else RESULTS / f"prior_training_{args.mode}_{device}.json"
+    across = f"_slurm{args.slurm_nodes}nodes" if getattr(args, "slurm_nodes", 0) else ""
+    out = Path(args.out) if args.out else RESULTS / f"prior_training_{args.mode}_{device}{across}.json"
     threads = getattr(args, "threads", torch.get_num_threads())
     result = section(rows, vars(args), command_line("benchmarks/prior_training.py"), describe_machine(device, threads))
     for table in result["tables"]:

@@ -28,16 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import authors_models as theirs_lib  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import authors_models as theirs_lib  # noqa: E402
-import report  # noqa: E402
-from pipeline.generation.sampling import SamplingOptions  # noqa: E402
 from pipeline.generation.rq_sampler import sample_rq  # noqa: E402
+from pipeline.generation.sampling import SamplingOptions  # noqa: E402
 from pipeline.importers.rq_official import convert_stage1, read_stage1_config  # noqa: E402
 from pipeline.importers.rq_official_prior import build_from_their_state, prior_config_from_yaml  # noqa: E402
 from pipeline.losses.prior_loss import rq_prior_loss  # noqa: E402
+
+import report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "vs_authors.json"
 # Their ImageNet RQ-VAE (configs/imagenet256/stage1/in256-rqvae-8x8x4.yaml: ch 128, 2 res blocks,

@@ -6,9 +6,9 @@ visited in increasing index order and a later chunk replaces the running best on
 smaller, so ties keep the lowest index exactly as a single pass would.
 
 Peak extra memory of nearest_code is the workspace (`CHUNK_BYTES`, default 16 MiB), O(chunk x C)
-for upcast rows and a 32 MiB block for the final sqdist pass; never N x K. Blocks are kept square-ish (up to 2048 rows x 2048
-codes): MKL packs both operands on every call, so a block needs both dimensions large to run near
-GEMM speed (on 2 cores: ~22 GFLOP/s at 128 rows, ~57 at 1024, for 8192 codes and C=256).
+for upcast rows and a 32 MiB block for the final sqdist pass; never N x K. Blocks are kept square-ish
+(up to 2048 rows x 2048 codes): MKL packs both operands on every call, so a block needs both
+dimensions large to run near GEMM speed (on 2 cores: ~22 GFLOP/s at 128 rows, ~57 at 1024, for 8192 codes and C=256).
 """
 from __future__ import annotations
 

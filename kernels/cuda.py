@@ -61,5 +61,6 @@ def soft_codes(residual_NC, codebook_KC, tau, sample=False, generator=None):
         device = generator.device if generator is not None else residual_NC.device
         seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=device).item())
     with torch.cuda.device(residual_NC.device):
-        probs_NK, sampled_N = ext.soft_codes(residual_NC, codebook_KC, _sqnorm(codebook_KC), float(tau), bool(sample), seed)
+        probs_NK, sampled_N = ext.soft_codes(residual_NC, codebook_KC, _sqnorm(codebook_KC), float(tau), bool(sample),
+                                             seed)
     return probs_NK, (sampled_N if sample else None)

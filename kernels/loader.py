@@ -45,7 +45,8 @@ def cache_dir() -> Path:
 
 
 def _usable_cuda_home(path) -> bool:
-    return bool(path) and (Path(path) / "include" / "cuda_runtime.h").is_file() and (Path(path) / "bin" / "nvcc").is_file()
+    return (bool(path) and (Path(path) / "include" / "cuda_runtime.h").is_file()
+            and (Path(path) / "bin" / "nvcc").is_file())
 
 
 def resolve_cuda_home(torch_guess: str | None) -> str | None:

@@ -62,6 +62,10 @@ class JobSpec:
                   "additional_parameters": {"requeue": True, **self.flag_parameters()}}
         if self.gpus_per_node:
             params["gpus_per_node"] = self.gpus_per_node
+        if self.ranks > 1:
+            # A rank that dies ends the step: the others stop at once instead of waiting in a
+            # collective for launcher.collective_timeout_s.
+            params["srun_args"] = ["--kill-on-bad-exit=1"]
         if self.array_parallelism:
             params["array_parallelism"] = self.array_parallelism
         for key in ("partition", "account", "qos", "constraint"):

@@ -104,13 +104,25 @@ def _sacct_states(job_id: str) -> list[str]:
     return [line.split("|")[1].split()[0] for line in out.stdout.splitlines() if "|" in line]
 
 
+def job_info(job_id: str) -> tuple[list[str], int, str]:
+    """(state of every task of the job, restarts of the job, its nodes as SLURM writes them: "n[1-2]",
+    array tasks' joined by ","): (["COMPLETED", "RUNNING"], 0, "n1,n2"); states [] if unknown, nodes ""
+    once only accounting knows the job."""
+    jobs = _scontrol_states(job_id)
+    if not jobs:
+        return _sacct_states(job_id), 0, ""
+    restarts = max(int(j.get("Restarts", "0") or 0) for j in jobs)
+    nodes = []
+    for job in jobs:
+        if job.get("NodeList", "(null)") != "(null)" and job["NodeList"] not in nodes:
+            nodes.append(job["NodeList"])
+    return [j["JobState"] for j in jobs], restarts, ",".join(nodes)
+
+
 def job_states(job_id: str) -> tuple[list[str], int]:
     """(state of every task of the job, restarts of the job): ["COMPLETED", "RUNNING"], or [] if unknown."""
-    jobs = _scontrol_states(job_id)
-    if jobs:
-        restarts = max(int(j.get("Restarts", "0") or 0) for j in jobs)
-        return [j["JobState"] for j in jobs], restarts
-    return _sacct_states(job_id), 0
+    states, restarts, _ = job_info(job_id)
+    return states, restarts
 
 
 def summarize(states: list[str]) -> str:
@@ -125,16 +137,19 @@ def summarize(states: list[str]) -> str:
 
 
 def stage_job_column(run_dir) -> dict[str, str]:
-    """stage -> "job 123 COMPLETED" (arrays: "job 124[2] COMPLETED x2"; requeued: "... restarts=1")."""
+    """stage -> "job 123 COMPLETED nodes=n[1-2]" (arrays: "job 124[2] COMPLETED x2 nodes=n1,n2"; requeued:
+    "... restarts=1"; nodes while SLURM still knows the job)."""
     column = {}
     if shutil.which("scontrol") is None and shutil.which("sacct") is None:
         return {stage: f"job {job['job_id']} (no SLURM here)" for stage, job in latest_jobs(run_dir).items()}
     for stage, job in latest_jobs(run_dir).items():
-        states, restarts = job_states(job["job_id"])
+        states, restarts, nodes = job_info(job["job_id"])
         array = f"[{job['array_tasks']}]" if job.get("array_tasks", 1) > 1 else ""
         text = f"job {job['job_id']}{array} {summarize(states)}"
         if restarts:
             text += f" restarts={restarts}"
+        if nodes:
+            text += f" nodes={nodes}"
         column[stage] = text
     return column
 

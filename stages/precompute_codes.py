@@ -20,18 +20,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.runner.artifacts import TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, load_tokenizer
 from pipeline.config.schema import ConfigError
 from pipeline.data.codes_writer import VIEW_NAMES, CodeEncoder, CodeLayout, UnitStats, make_views, write_code_unit
 from pipeline.data.manifest import verify_shards
 from pipeline.data.reader import ShardedImageDataset, indexes_urls
 from pipeline.data.stream_reader import shard_batches
-from pipeline.runtime.io import atomic_write_json, json_bytes, read_json, sha256_file, sha256_json
 from pipeline.evaluation.metrics import psnr_per_image
 from pipeline.models.dq_order import dq_codes_from_tokens
+from pipeline.runner.artifacts import TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, load_tokenizer
 from pipeline.runner.rundir import RunDir
 from pipeline.runner.stage import StageContext, StageError, StageResult
 from pipeline.runner.units import MANIFEST_NAME, Unit, UnitWork, publish_unit
+from pipeline.runtime.dist import resolve_precision
+from pipeline.runtime.io import atomic_write_json, json_bytes, read_json, sha256_file, sha256_json
 
 NAME = "precompute_codes"
 SECTIONS = ("data", "tokenizer", "tokenizer_train", "precompute")
@@ -117,12 +118,6 @@ def run(ctx: StageContext) -> StageResult | None:
     ctx.logger.info("precompute_codes: manifest written: %s; verification %s", counts, outcome["checks"])
     return StageResult(counts=counts, metrics=metrics,
                        outputs={MANIFEST_NAME: hashlib.sha256(json_bytes(manifest)).hexdigest()})
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
 
 
 @dataclass

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.runner.artifacts import PRIOR_CONFIG, PRIOR_WEIGHTS, TOKENIZER_WEIGHTS, save_prior
 from pipeline.config.schema import ConfigError
+from pipeline.data.loaders import CodeLoaders
+from pipeline.models.prior_config import CodeSpec
+from pipeline.models.registry import build_prior, build_tokenizer
+from pipeline.runner.artifacts import PRIOR_CONFIG, PRIOR_WEIGHTS, TOKENIZER_WEIGHTS, load_tokenizer, save_prior
+from pipeline.runner.rundir import RunDir
+from pipeline.runner.stage import StageError, StageResult
 from pipeline.runtime.dist import barrier
 from pipeline.runtime.io import sha256_file
 from pipeline.runtime.logs import tensorboard_writer
-from pipeline.models.prior_config import CodeSpec
-from pipeline.models.registry import build_prior, build_tokenizer
-from pipeline.runner.rundir import RunDir
-from pipeline.runner.stage import StageError, StageResult
 from pipeline.train.prior_trainer import PriorTrainer
 from pipeline.train.signals import PreemptionGuard
 
@@ -67,11 +68,14 @@ def input_fingerprints(ctx) -> dict:
 
 def run(ctx) -> StageResult:
     cfg = ctx.cfg
+    run = RunDir(ctx.run_dir)
+    codes = CodeLoaders(run.stage_dir("precompute_codes"), seed=cfg.seed)
     writer = tensorboard_writer(ctx.run_dir, NAME)
     try:
         # The guard is up before the (slow) model build, so an early SLURM signal is not fatal.
         with PreemptionGuard(at_once=True, doing="the model build and resume") as guard:
-            trainer = PriorTrainer(cfg, ctx.env, ctx.device, ctx.run_dir, ctx.stage_dir, ctx.logger, writer)
+            tokenizer = load_tokenizer(run.stage_dir("train_tokenizer"), ctx.device)
+            trainer = PriorTrainer(cfg, ctx.env, ctx.device, ctx.stage_dir, tokenizer, codes, ctx.logger, writer)
             metrics = trainer.fit(guard)
             state = trainer.export_state()  # collective under ZeRO-3
     finally:

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.data.loaders import ImageLoaders
+from pipeline.models.registry import build_tokenizer
 from pipeline.runner.artifacts import TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, save_tokenizer
+from pipeline.runner.rundir import RunDir
+from pipeline.runner.stage import StageError, StageResult
 from pipeline.runtime.dist import barrier
 from pipeline.runtime.io import sha256_file
 from pipeline.runtime.logs import tensorboard_writer
-from pipeline.models.registry import build_tokenizer
-from pipeline.runner.rundir import RunDir
-from pipeline.runner.stage import StageError, StageResult
 from pipeline.train.signals import PreemptionGuard
-from pipeline.train.tokenizer_trainer import LoaderFactory, TokenizerTrainer
+from pipeline.train.tokenizer_trainer import TokenizerTrainer
 
 NAME = "train_tokenizer"
 SECTIONS = ("data", "tokenizer", "tokenizer_train")
@@ -53,8 +54,8 @@ def input_fingerprints(ctx) -> dict:
 
 def run(ctx) -> StageResult:
     cfg = ctx.cfg
-    loaders = LoaderFactory(manifest=_manifest(ctx), env=ctx.env, seed=cfg.seed, num_workers=cfg.data.num_workers,
-                            random_crop=cfg.data.random_crop, hflip=cfg.data.hflip, reader=cfg.data.reader)
+    loaders = ImageLoaders(manifest=_manifest(ctx), env=ctx.env, seed=cfg.seed, num_workers=cfg.data.num_workers,
+                           random_crop=cfg.data.random_crop, hflip=cfg.data.hflip, reader=cfg.data.reader)
     writer = tensorboard_writer(ctx.run_dir, NAME)
     # The guard is up before the (slow) model build, so an early SLURM signal is not fatal.
     try:

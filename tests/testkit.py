@@ -5,6 +5,7 @@ Test modules import them with `from testkit import tessera, TINY_TOKENIZER` (tes
 this folder on sys.path).
 """
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -120,6 +121,37 @@ def run_signalled(stage: str, at_step: int, signum: int, *cli_args, rank: int | 
         launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
     return subprocess.run([*launch, str(script), *cli_args], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, start_new_session=group)
+
+
+def copy_until_prior(source, target) -> Path:
+    """A new run directory `target` holding `source`'s shard, train_tokenizer and precompute_codes
+    (without their locks): ready for train_prior."""
+    target.mkdir(parents=True)
+    for stage in ("shard", "train_tokenizer", "precompute_codes"):
+        shutil.copytree(Path(source) / stage, target / stage, ignore=shutil.ignore_patterns("*.lock", "lock.json"))
+    return target
+
+
+# --- The test SLURM cluster (tests/slurm/local_cluster.sh) -----------------------------------
+def require_slurm_cluster(nodes: tuple[str, ...] = ()) -> None:
+    """Skip the calling test, saying why, unless the test cluster is up with `nodes` among its
+    nodes; under `.ci/run` (TESSERA_REQUIRE_SLURM_CLUSTER set) fail instead: there it must be up."""
+    import pytest
+
+    script = REPO / "tests" / "slurm" / "local_cluster.sh"
+    reason = None
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        reason = f"SLURM is not installed ({script} start installs it and starts a test cluster; needs root)"
+    elif subprocess.run([str(script), "status"], capture_output=True, check=False).returncode:
+        reason = f"the test cluster is not up ({script} start)"
+    elif nodes:
+        listed = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, check=False)
+        if not set(nodes) <= set(listed.stdout.split()):
+            reason = f"the cluster lacks nodes {', '.join(nodes)} ({script} start makes them)"
+    if reason and os.environ.get("TESSERA_REQUIRE_SLURM_CLUSTER"):
+        pytest.fail(reason)
+    if reason:
+        pytest.skip(reason)
 
 
 # --- Inside a DQ tokenizer's forward ---------------------------------------------------------

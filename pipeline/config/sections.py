@@ -227,6 +227,9 @@ class LauncherConfig:
                                  ge=0)
     max_requeues: int = option(5, "a stage's job requeues itself at most this many times (preemption or time "
                                "limit); then it fails", ge=0)
+    collective_timeout_s: int = option(1800, "seconds a rank waits at the rendezvous or in one collective (gloo / "
+                                       "NCCL) before it fails: a dead or hung node ends the job after this "
+                                       "long instead of holding the others forever", ge=10)
     shard: Resources = option(Resources(), "resources of the shard stage")
     train_tokenizer: Resources = option(Resources(gpus_per_node=4, time_min=1440), "resources of train_tokenizer")
     precompute_codes: Resources = option(Resources(gpus_per_node=1, time_min=240), "resources of precompute_codes")

@@ -45,10 +45,10 @@ import torch
 
 from ..config.root import Config, load_config
 from ..config.schema import ConfigError
-from ..runtime.errors import StageError
-from ..runtime.validate import load_tensor_checkpoint, read_yaml_mapping
 from ..models.autoencoder import AttnBlock
 from ..models.registry import build_tokenizer
+from ..runtime.errors import StageError
+from ..runtime.validate import load_tensor_checkpoint, read_yaml_mapping
 
 SOURCE = "rq-official"
 MODEL_FILE, CONFIG_FILE = "model.pt", "config.yaml"

@@ -12,15 +12,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ..runner.artifacts import PRIOR_CONFIG, PRIOR_WEIGHTS, TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, save_prior, save_tokenizer
 from ..config.root import Config
 from ..config.schema import ConfigError
+from ..runner.artifacts import (
+    PRIOR_CONFIG,
+    PRIOR_WEIGHTS,
+    TOKENIZER_CONFIG,
+    TOKENIZER_WEIGHTS,
+    save_prior,
+    save_tokenizer,
+)
+from ..runner.stage import StageContext, StageOutcome, StageResult, load_stage_module, run_stage
 from ..runtime.dist import barrier
 from ..runtime.io import atomic_write_json, sha256_file
 from ..runtime.validate import read_yaml_mapping
-from ..runner.stage import StageContext, StageOutcome, StageResult, load_stage_module, run_stage
-from .rq_official import (CONFIG_FILE, IMPORT_INPUT_PREFIX, IMPORT_RECORD, MODEL_FILE, SOURCE, build_run_config,
-                          convert_stage1, load_stage1_state_dict, read_stage1_config, stage1_files)
+from .rq_official import (
+    CONFIG_FILE,
+    IMPORT_INPUT_PREFIX,
+    IMPORT_RECORD,
+    MODEL_FILE,
+    SOURCE,
+    build_run_config,
+    convert_stage1,
+    load_stage1_state_dict,
+    read_stage1_config,
+    stage1_files,
+)
 from .rq_official_prior import build_from_their_state, load_stage2_state_dict, prior_config_from_yaml, stage2_files
 
 

@@ -24,6 +24,7 @@ def rq_prior_loss(logits_BHWDK: torch.Tensor, codes_BHWD: torch.Tensor,
     if soft_targets_BHWDK is None:
         per_code = F.cross_entropy(logits.reshape(-1, K), codes_BHWD.reshape(-1), reduction="none").view(-1, D)
     else:
-        per_code = soft_target_cross_entropy(logits.reshape(-1, K), soft_targets_BHWDK.reshape(-1, K).float()).view(-1, D)
+        per_code = soft_target_cross_entropy(logits.reshape(-1, K),
+                                             soft_targets_BHWDK.reshape(-1, K).float()).view(-1, D)
     per_depth = per_code.mean(0)
     return per_code.mean(), {f"loss_d{d}": per_depth[d].detach() for d in range(D)}

@@ -126,7 +126,8 @@ class SelfAttention(nn.Module):
 
 def _diagonal(n_query: int, n_key: int, device) -> torch.Tensor:
     """(n_query, n_key) bool: each query's own key (the last n_query keys)."""
-    return torch.arange(n_query, device=device)[:, None] + (n_key - n_query) == torch.arange(n_key, device=device)[None, :]
+    return (torch.arange(n_query, device=device)[:, None] + (n_key - n_query)
+            == torch.arange(n_key, device=device)[None, :])
 
 
 class RMSNorm(nn.Module):

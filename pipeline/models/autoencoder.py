@@ -9,7 +9,8 @@ the head are separate modules because DQ attaches two heads (fine and coarse) to
 unfolds the decoder's output the same way (PixelShuffle), so every level runs at R/p: the total
 downsampling is p * 2**(len(ch_mult)-1). With p = 1 this is exactly VQGAN's layout. At small
 resolutions it drops the full-resolution levels (few channels over many pixels), which cost as
-much compute as the rest together: a fixed CPU budget then buys twice the steps (docs/stages.md: what the CPU demos reach).
+much compute as the rest together: a fixed CPU budget then buys twice the steps (docs/stages.md: what the
+CPU demos reach).
 
 With patch_size 1 and norm_groups 32 this is layer for layer the authors' RQ-VAE encoder/decoder
 (kakaobrain/rq-vae-transformer, rqvae/models/rqvae/{modules,layers}.py): same GroupNorm eps,
@@ -24,7 +25,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
 
 MIN_CHANNELS_PER_GROUP = 4
 

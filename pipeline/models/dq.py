@@ -143,7 +143,8 @@ class DQTokenizer(Tokenizer):
         z = cfg.z_channels
         self.resolution, self.router_kind = resolution, cfg.router
         self.target_ratio = cfg.target_ratio
-        self.gumbel_tau, self.coarse_vq_weight, self.entropy_bins = cfg.gumbel_tau, cfg.coarse_vq_weight, cfg.entropy_bins
+        self.gumbel_tau, self.coarse_vq_weight = cfg.gumbel_tau, cfg.coarse_vq_weight
+        self.entropy_bins = cfg.entropy_bins
         self.coarse_side = resolution // cfg.downsample_factor
         # Fidelity switches (see the module docstring); each follows tokenizer.reference_behaviour.
         self.gate_on_chosen = fidelity(cfg, "dq_gate_on_chosen")
@@ -245,7 +246,8 @@ class DQTokenizer(Tokenizer):
         return self.decoder(self.position_bias(h) if self.authors_layers else h + self.pos_embed)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A DQ tokenizer saved before the fidelity switches existed has one learned position map and adaptive router groups.
+        # A DQ tokenizer saved before the fidelity switches existed has one learned position map and adaptive
+        # router groups.
         if self.authors_layers and prefix + "pos_embed" in state_dict:
             raise RuntimeError("this DQ tokenizer was trained with the single learned position map (before the "
                                "authors' layers became the default): load it with tokenizer.dq_authors_layers: false")

@@ -14,7 +14,8 @@ from ..config.schema import ConfigError, option
 @dataclass
 class TokenizerConfig:
     preset: str = option("", "named preset applied before the keys written beside it (see TOKENIZER_PRESETS)")
-    kind: str = option("rq", "vq = rq with depth 1; dq = dynamic (coarse/fine) quantization", choices=("vq", "rq", "dq"))
+    kind: str = option("rq", "vq = rq with depth 1; dq = dynamic (coarse/fine) quantization",
+                       choices=("vq", "rq", "dq"))
     # Encoder / decoder (VQGAN-style conv ResNet).
     ch: int = option(128, "base channel count", ge=8)
     ch_mult: list[int] = option([1, 1, 2, 2, 4, 4], "channel multiplier per level; len-1 downsamplings", ge=1)
@@ -43,35 +44,57 @@ class TokenizerConfig:
     granularities: int = option(2, "dq: number of region sizes (2 = coarse+fine, 3 adds a coarser grid)", ge=2, le=3)
     router: str = option("learned", "dq: how regions choose a granularity", choices=("learned", "entropy"))
     target_ratio: float = option(0.5, "dq: target fraction of fine regions", ge=0.0, le=1.0)
-    budget_weight: float = option(10.0, "dq: budget loss weight gamma in gamma*(r - t)^2 (the paper's formula; the authors' "
-                                        "released configs add the term twice: use 2*gamma to match them)", ge=0.0)
+    budget_weight: float = option(
+        10.0,
+        "dq: budget loss weight gamma in gamma*(r - t)^2 (the paper's formula; the authors' "
+        "released configs add the term twice: use 2*gamma to match them)",
+        ge=0.0,
+    )
     gumbel_tau: float = option(1.0, "dq: Gumbel-softmax temperature of the learned router", gt=0.0)
     coarse_vq_weight: float = option(0.25, "dq: VQ-loss weight on copied coarse cells", ge=0.0)
     entropy_bins: int = option(32, "dq entropy router: histogram bins over [-1, 1] (threshold: call "
                                    "pipeline.models.dq.calibrate_entropy_threshold before training)", ge=2)
-    entropy_sigma: float = option(0.01, "dq entropy router: width of the Gaussian histogram kernel (dq_gaussian_entropy)",
-                                  gt=0.0)
+    entropy_sigma: float = option(
+        0.01,
+        "dq entropy router: width of the Gaussian histogram kernel (dq_gaussian_entropy)",
+        gt=0.0,
+    )
     # Fidelity to the authors' training code (docs/fidelity.md).
     # Each per-item key left null follows reference_behaviour.
     reference_behaviour: bool = option(True, "train as the authors' RQ-VAE / DQ-VAE code does; each per-item key below "
                                              "overrides it when set (null: follow this)")
-    ema_per_depth: bool | None = option(None, "rq shared codebook: EMA step (and restarts) after each depth, so depth d+1 "
-                                              "searches the codebook depth d just updated (authors); false: one step "
-                                              "after the whole search")
-    authors_restart: bool | None = option(None, "dead-code restart as the authors: EMA sizes start at 0, every dead code "
-                                                "gets a row of a permutation of that depth's inputs (noise-tiled when too "
-                                                "few), code = vector / smoothed size; false: sizes start at 1, at most one "
-                                                "code per input vector, code = vector")
-    dq_gate_on_chosen: bool | None = option(None, "dq learned router: chosen features times their hard gate (authors: gate "
-                                                  "gradient <g, h_chosen>); false: gate*fine + (1-gate)*coarse "
-                                                  "(gradient <g, h_fine - h_coarse>)")
-    dq_unweighted_vq: bool | None = option(None, "dq: VQ loss (1+beta)*mean(w*(z-q)^2) over all cells, gradient beta*..., "
-                                                 "EMA unweighted (authors); false: beta*sum(w*mse)/sum(w), EMA weighted by w")
+    ema_per_depth: bool | None = option(
+        None,
+        "rq shared codebook: EMA step (and restarts) after each depth, so depth d+1 "
+        "searches the codebook depth d just updated (authors); false: one step "
+        "after the whole search",
+    )
+    authors_restart: bool | None = option(
+        None,
+        "dead-code restart as the authors: EMA sizes start at 0, every dead code "
+        "gets a row of a permutation of that depth's inputs (noise-tiled when too "
+        "few), code = vector / smoothed size; false: sizes start at 1, at most one "
+        "code per input vector, code = vector",
+    )
+    dq_gate_on_chosen: bool | None = option(
+        None,
+        "dq learned router: chosen features times their hard gate (authors: gate "
+        "gradient <g, h_chosen>); false: gate*fine + (1-gate)*coarse "
+        "(gradient <g, h_fine - h_coarse>)",
+    )
+    dq_unweighted_vq: bool | None = option(
+        None,
+        "dq: VQ loss (1+beta)*mean(w*(z-q)^2) over all cells, gradient beta*..., "
+        "EMA unweighted (authors); false: beta*sum(w*mse)/sum(w), EMA weighted by w",
+    )
     dq_gaussian_entropy: bool | None = option(None, "dq entropy router: Gaussian-kernel histogram (entropy_sigma) on "
                                                     "unclamped gray (authors); false: triangular bins on clamped gray")
-    dq_authors_layers: bool | None = option(None, "dq: router GroupNorm with 32 groups and the decoder's Fourier + row/column "
-                                                  "learned position embedding (authors); false: >= 4 channels per group "
-                                                  "and one learned position map (not checkpoint-compatible with true)")
+    dq_authors_layers: bool | None = option(
+        None,
+        "dq: router GroupNorm with 32 groups and the decoder's Fourier + row/column "
+        "learned position embedding (authors); false: >= 4 channels per group "
+        "and one learned position map (not checkpoint-compatible with true)",
+    )
     # Losses and discriminator.
     recon_loss: str = option("l2", "pixel reconstruction loss", choices=("l1", "l2"))
     lpips_weight: float = option(1.0, "LPIPS perceptual loss weight (0 disables)", ge=0.0)
@@ -138,7 +161,8 @@ _DEMO_ARCH = dict(patch_size=4, ch=64, ch_mult=[1, 2], num_res_blocks=2, attn_re
                   codebook_size=256, lpips_weight=0.0, gan_weight=0.0, recon_loss="l2")
 
 TOKENIZER_PRESETS: dict[str, dict] = {
-    # Paper settings (the RQ-VAE paper's and the authors' released configs): 256 px -> 8x8x4 with K=16384 (ImageNet) or 2048 (FFHQ).
+    # Paper settings (the RQ-VAE paper's and the authors' released configs): 256 px -> 8x8x4 with K=16384 (ImageNet)
+    # or 2048 (FFHQ).
     "rq-imagenet256-8x8x4": dict(_RQ_PAPER, codebook_size=16384),
     "rq-ffhq256-8x8x4": dict(_RQ_PAPER, codebook_size=2048, attn_resolutions=[16]),
     "vq-imagenet256-16x16": dict(_RQ_PAPER, kind="vq", depth=1, ch_mult=[1, 1, 2, 2, 4], attn_resolutions=[16],

@@ -202,7 +202,7 @@ def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = Fals
     except OSError as err:
         raise StageError(describe_os_error(err, f"creating the stage folder {stage_dir}")) from None
     logger = setup_logging(stage_dir / "log.txt")
-    env = init_distributed()
+    env = init_distributed(cfg.launcher.collective_timeout_s)
     # Every shard stream a stage opens (shard, train_tokenizer, ...) retries and trusts CAs as configured.
     set_fetch_options(FetchOptions(retries=cfg.data.fetch_retries, ca_bundle=cfg.data.ca_bundle))
     ctx = StageContext(cfg=cfg, run_dir=run.root, stage_dir=stage_dir, env=env, num_tasks=num_tasks,

@@ -84,7 +84,10 @@ def slurm_torch_env(env) -> dict:
 
 
 def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
-    """Create the default process group when there is more than one rank (idempotent)."""
+    """Create the default process group when there is more than one rank (idempotent).
+
+    `timeout_s` (launcher.collective_timeout_s) bounds the rendezvous and every collective: a rank
+    whose peer node hangs fails after that long instead of waiting forever."""
     env = detect_env()
     if not env.is_distributed or torch_dist.is_initialized():
         return env
@@ -126,3 +129,11 @@ def broadcast_object(obj, src: int = 0):
 
 def device_for(env: DistEnv) -> torch.device:
     return torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """A config's `precision` ("auto", "fp32" or "bf16") as "fp32" or "bf16": auto is bf16 on a
+    GPU (autocast) and fp32 on the CPU."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision

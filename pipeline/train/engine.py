@@ -33,16 +33,22 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..runtime.dist import DistEnv
 from ..config.sections import TrainConfig
+from ..runtime.dist import DistEnv, resolve_precision
+from ..runtime.errors import StageError
 from .checkpoint import load_pt
 
 ENGINES = ("ddp", "deepspeed")
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'bf16' or 'fp32': `auto` is bf16 on GPU and fp32 on CPU."""
-    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+def per_rank_batch(train_cfg: TrainConfig, world_size: int, key: str = "batch_size") -> int:
+    """Samples in one micro-batch on one rank: the global batch over ranks x micro-batches.
+    `key` names the setting in the message when it does not divide."""
+    per_rank, remainder = divmod(train_cfg.batch_size, world_size * train_cfg.grad_accum)
+    if remainder or per_rank == 0:
+        raise StageError(f"{key}={train_cfg.batch_size} must be a positive multiple of world_size x grad_accum = "
+                         f"{world_size} x {train_cfg.grad_accum}")
+    return per_rank
 
 
 def average_gradients(module: torch.nn.Module) -> None:
@@ -177,10 +183,7 @@ def deepspeed_config(train_cfg: TrainConfig, world_size: int, device: torch.devi
     bf16_weights: DeepSpeed's bf16 mode (bf16 weights, fp32 master copy in the optimizer); None:
     when the precision resolves to bf16 on a GPU. fp32 on CPU."""
     grad_accum = train_cfg.grad_accum
-    micro, remainder = divmod(train_cfg.batch_size, world_size * grad_accum)
-    if remainder or micro == 0:
-        raise ValueError(f"batch_size={train_cfg.batch_size} is not a positive multiple of world_size x "
-                         f"grad_accum = {world_size} x {grad_accum}")
+    micro = per_rank_batch(train_cfg, world_size)
     if bf16_weights is None:
         bf16_weights = device.type == "cuda" and resolve_precision(train_cfg.precision, device) == "bf16"
     return {

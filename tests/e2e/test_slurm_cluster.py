@@ -1,13 +1,13 @@
 """The launchers on a real SLURM cluster: `tessera submit` (submitit) and the plain sbatch scripts.
 
-Needs the one-node cluster of tests/slurm/local_cluster.sh (`.ci/run` starts it); every test here
-skips, saying why, when no cluster answers. The pipeline is the demo config shrunk to seconds
-(16 px, a few images, 300 prior steps so that a preemption lands mid-training), with the shard
-and sample stages as 2-task job arrays and the prior on 2 srun ranks.
+Needs the cluster of tests/slurm/local_cluster.sh (`.ci/run` starts it; these jobs use one of its
+nodes); every test here skips, saying why, when no cluster answers (fails under `.ci/run`). The
+pipeline is the demo config shrunk to seconds (16 px, a few images, 300 prior steps so that a
+preemption lands mid-training), with the shard and sample stages as 2-task job arrays and the
+prior on 2 srun ranks.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from testkit import REPO, TINY_TOKENIZER, tessera
+from testkit import REPO, TINY_TOKENIZER, copy_until_prior, require_slurm_cluster, tessera
 
 pytestmark = pytest.mark.e2e
 
@@ -36,20 +36,9 @@ FAST_PROGRESS = {"TESSERA_PROGRESS_INTERVAL_S": "0.3"}  # a progress line every 
 NASTY = "dir with spaces 'quote\" $(touch PWNED); echo x"
 
 
-def _cluster_reason() -> str | None:
-    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
-        return "SLURM is not installed (start a test cluster with tests/slurm/local_cluster.sh start; needs root)"
-    out = subprocess.run([str(REPO / "tests/slurm/local_cluster.sh"), "status"], capture_output=True, text=True)
-    if out.returncode != 0:
-        return "no SLURM node is up (tests/slurm/local_cluster.sh start brings up a one-node cluster)"
-    return None
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    reason = _cluster_reason()
-    if reason:
-        pytest.skip(reason)
+    require_slurm_cluster()
 
 
 def outputs(run_dir, stage) -> dict:
@@ -89,13 +78,6 @@ def job_output(run_dir, stage) -> Path:
     from launchers.job_records import latest_jobs
 
     return Path(latest_jobs(run_dir)[stage]["output"].replace("%t", "0"))
-
-
-def copy_until_prior(source, target) -> Path:
-    target.mkdir(parents=True)
-    for stage in ("shard", "train_tokenizer", "precompute_codes"):
-        shutil.copytree(Path(source) / stage, target / stage, ignore=shutil.ignore_patterns("*.lock", "lock.json"))
-    return target
 
 
 @pytest.fixture(scope="module")

@@ -250,6 +250,8 @@ def test_stochastic_codes_are_the_training_inputs(codes_run, tmp_path, stochasti
     off, it reads the stored codes."""
     import logging
 
+    from pipeline.data.loaders import CodeLoaders
+    from pipeline.runner.artifacts import load_tokenizer
     from pipeline.runtime.dist import DistEnv
     from pipeline.train.prior_trainer import PriorTrainer
 
@@ -257,8 +259,9 @@ def test_stochastic_codes_are_the_training_inputs(codes_run, tmp_path, stochasti
     cfg = load_config(str(REPO / "configs/demo-rq.yaml"), [*CODES, *PRIOR, "prior_train.targets=soft",
                                                            "prior_train.engine=ddp",
                                                            f"prior_train.stochastic_codes={str(stochastic).lower()}"])
-    trainer = PriorTrainer(cfg, DistEnv(), torch.device("cpu"), run_dir, run_dir / "train_prior",
-                           logging.getLogger("test_train_prior"))
+    codes = CodeLoaders(run_dir / "precompute_codes", cfg.seed)
+    trainer = PriorTrainer(cfg, DistEnv(), torch.device("cpu"), run_dir / "train_prior",
+                           load_tokenizer(run_dir / "train_tokenizer"), codes, logging.getLogger("test_train_prior"))
     seen = []
     forward = trainer.model.forward
     trainer.model.forward = lambda codes, labels=None: forward(seen.append(codes) or codes, labels)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from pipeline.data.code_reader import collate_codes
-from pipeline.models.dq_order import dq_codes_from_tokens, from_dq_order, to_dq_order
 from pipeline.models.dq import DQCodes
+from pipeline.models.dq_order import dq_codes_from_tokens, from_dq_order, to_dq_order
 
 
 def random_dq(seed: int, side: int = 4, K: int = 50) -> DQCodes:
@@ -33,9 +33,8 @@ def test_dq_order_round_trips_to_granularity_and_code_map(seed):
 def test_all_coarse_and_all_fine_extremes():
     for value in (0, 1):
         gran = torch.full((1, 2, 2), value)
-        codes = DQCodes.from_code_map(torch.arange(16).view(1, 4, 4) if value else
-                                      torch.tensor([[7, 8], [9, 6]]).repeat_interleave(2, 0).repeat_interleave(2, 1)[None],
-                                      gran)
+        coarse = torch.tensor([[7, 8], [9, 6]]).repeat_interleave(2, 0).repeat_interleave(2, 1)[None]
+        codes = DQCodes.from_code_map(torch.arange(16).view(1, 4, 4) if value else coarse, gran)
         pos, content, g = to_dq_order(codes.code_map_BHW[0], gran[0])
         assert pos.tolist() == list(range(4 if value == 0 else 16)) and (g == value).all()
         assert torch.equal(from_dq_order(pos, content, g, 2)[0], codes.code_map_BHW[0])

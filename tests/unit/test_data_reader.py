@@ -44,7 +44,8 @@ def test_order_is_seeded_per_epoch_and_split_across_ranks(shard_dirs):
     epoch1 = _keys(a)
     assert epoch1 != epoch0 and sorted(epoch1) == sorted(epoch0)
     assert _keys(make_image_loader(shard_dirs["webdataset"], "train", 8, seed=8)) != epoch0
-    ranks = [_keys(make_image_loader(shard_dirs["webdataset"], "train", 8, seed=7, rank=r, world_size=3, drop_last=True))
+    ranks = [_keys(make_image_loader(shard_dirs["webdataset"], "train", 8, seed=7, rank=r, world_size=3,
+                                     drop_last=True))
              for r in range(3)]
     assert all(len(keys) == 16 for keys in ranks)  # 50 // (3 ranks * 8) = 2 full batches each
     assert len(set().union(*ranks)) == 48
@@ -88,7 +89,8 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_batches(shard_dirs, fmt, 
 
 def test_augmentation_changes_images_but_not_labels(shard_dirs):
     plain = next(iter(make_image_loader(shard_dirs["webdataset"], "train", 16, seed=1)))
-    augmented = next(iter(make_image_loader(shard_dirs["webdataset"], "train", 16, seed=1, random_crop=True, hflip=True)))
+    augmented = next(iter(make_image_loader(shard_dirs["webdataset"], "train", 16, seed=1,
+                                            random_crop=True, hflip=True)))
     assert plain.keys == augmented.keys and torch.equal(plain.labels, augmented.labels)
     assert not torch.equal(plain.images, augmented.images)
 

@@ -32,7 +32,8 @@ def test_train_val_folders_sorted_classes_and_seeded_order(tmp_path):
     assert source.class_names == ["cat", "dog"]
     assert source.split_sizes == {"train": 6, "val": 2}
     loaded = source.load("train", 0, 6)
-    assert sorted(img.origin for img in loaded) == sorted(f"train/{c}/{i}.png" for c in ("cat", "dog") for i in range(3))
+    assert sorted(img.origin for img in loaded) == sorted(f"train/{c}/{i}.png"
+                                                         for c in ("cat", "dog") for i in range(3))
     assert all(img.label == (0 if "/cat/" in img.origin else 1) for img in loaded)
     same = ImageFolderSource(tmp_path, 16, seed=0, val_fraction=0.0)
     assert [i.origin for i in same.load("train", 0, 6)] == [i.origin for i in loaded]

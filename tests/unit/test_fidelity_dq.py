@@ -102,7 +102,8 @@ def test_item5_vq_loss_and_ema_follow_the_authors_weighting():
     decay, eps, beta = 0.9, 1e-5, 0.25
     q = VectorQuantizer(C, K, decay=decay, eps=eps, beta=beta, dead_code_threshold=0.0).train()
     assert q.authors_weighting
-    book, cluster, ema = q.embed[0].double().clone(), q.cluster_size[0].double().clone(), q.embed_sum[0].double().clone()
+    book, cluster = q.embed[0].double().clone(), q.cluster_size[0].double().clone()
+    ema = q.embed_sum[0].double().clone()
     z = torch.randn(2, C, 4, 4, requires_grad=True)
     w = repeat((torch.rand(2, 2, 2) < 0.5).float(), "b h w -> b (h p) (w q)", p=2, q=2) * 0.75 + 0.25
     out = q(z, w)

@@ -18,13 +18,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-
 from testkit import tessera
-from pipeline.runner.artifacts import load_tokenizer
+
 from pipeline.config.schema import ConfigError
-from pipeline.importers.rq_official import (CheckpointMismatch, convert_stage1, load_stage1_state_dict,
-                                            read_stage1_config)
+from pipeline.importers.rq_official import (
+    CheckpointMismatch,
+    convert_stage1,
+    load_stage1_state_dict,
+    read_stage1_config,
+)
 from pipeline.importers.rq_official_stages import import_rq_official
+from pipeline.runner.artifacts import load_tokenizer
 
 GROUPS = 32  # their Normalize: always 32 groups
 
@@ -216,7 +220,7 @@ def their_state_dict(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     z = ref_encode_latent(sd, config, images(8, config["arch"]["ddconfig"]["resolution"], seed=seed + 100))
     r = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
     books = []
-    for d in range(1 if shared else depth):
+    for _d in range(1 if shared else depth):
         if shared:  # vectors at several scales, as depth 0..D-1 need
             pool = torch.cat([r * 0.5 ** s for s in range(depth)])
         else:
@@ -417,8 +421,8 @@ def test_cli_imports_stage1_and_stage2_as_finished_stages(tmp_path):
     with the logits of the direct import (checked against their formula in test_rq_transformer)."""
     from test_rq_transformer import _write_their_checkpoint
 
-    from pipeline.runner.artifacts import load_prior
     from pipeline.importers.rq_official_prior import load_rq_official_prior
+    from pipeline.runner.artifacts import load_prior
 
     config = their_config()
     state = their_state_dict(config)

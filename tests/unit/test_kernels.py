@@ -44,7 +44,8 @@ def assert_exact(x_NC, codebook_KC, idx_N, sqdist_N, rel_eps=2.0**-23):
     # Only near ties may differ, and those are rare on random data.
     assert bool((chosen64 - best64 <= tol).all()), (chosen64 - best64 - tol).max()
     assert int(mismatch.sum()) <= max(2, N // 50)
-    torch.testing.assert_close(sqdist_N.cpu().double(), chosen64, rtol=1e-5 * max(1, x_NC.shape[1] / 64), atol=tol.max().item())
+    torch.testing.assert_close(sqdist_N.cpu().double(), chosen64, rtol=1e-5 * max(1, x_NC.shape[1] / 64),
+                               atol=tol.max().item())
 
 
 @pytest.fixture(params=["default", "tiny"])
@@ -61,7 +62,8 @@ def rand(*shape, dtype=torch.float32, device="cpu", seed=None):
     return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
 
 
-SHAPES = [(0, 5, 3), (1, 1, 1), (1, 7, 5), (37, 65, 33), (300, 1000, 17), (129, 130, 64), (64, 4097, 8), (20, 3, 1024), (3, 65536, 2)]
+SHAPES = [(0, 5, 3), (1, 1, 1), (1, 7, 5), (37, 65, 33), (300, 1000, 17), (129, 130, 64), (64, 4097, 8), (20, 3, 1024),
+          (3, 65536, 2)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -244,7 +246,8 @@ def test_soft_codes_sampling_is_seeded_and_skips_invalid():
         (lambda: kernels.nearest_code(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(4, 3)), "dtype"),
         (lambda: kernels.nearest_code(torch.zeros(2, 3), torch.zeros(4, 3, device="meta")), "device|meta"),
         (lambda: kernels.nearest_code(torch.zeros(2, 3), torch.zeros(0, 3)), "at least one code"),
-        (lambda: kernels.nearest_code(torch.zeros(2, 3), torch.zeros(4, 3), codebook_sqnorm_K=torch.zeros(5)), "sqnorm"),
+        (lambda: kernels.nearest_code(torch.zeros(2, 3), torch.zeros(4, 3), codebook_sqnorm_K=torch.zeros(5)),
+         "sqnorm"),
         (lambda: kernels.residual_quantize(torch.zeros(2, 3), torch.zeros(4, 3), 0), "depth"),
         (lambda: kernels.residual_quantize(torch.zeros(2, 3), torch.zeros(2, 4, 3), 3), "depth"),
         (lambda: kernels.soft_codes(torch.zeros(2, 3), torch.zeros(4, 3), 0.0), "tau"),
@@ -414,7 +417,8 @@ def test_cuda_residual_quantize_is_greedy_optimal(dtype, shared, C):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_soft_codes(dtype):
     r, cb = rand(1000, 64, dtype=dtype), rand(700, 64, dtype=dtype)
-    probs, sampled = kernels.soft_codes(r.cuda(), cb.cuda(), 3.0, sample=True, generator=torch.Generator("cuda").manual_seed(1))
+    probs, sampled = kernels.soft_codes(r.cuda(), cb.cuda(), 3.0, sample=True,
+                                        generator=torch.Generator("cuda").manual_seed(1))
     expect = torch.softmax(-f64_sqdist(r, cb) / 3.0, dim=1)
     torch.testing.assert_close(probs.cpu().double(), expect, rtol=1e-3, atol=1e-6)
     assert sampled.shape == (1000,) and bool((sampled >= 0).all())

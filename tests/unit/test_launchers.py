@@ -34,8 +34,25 @@ def test_job_spec_resolves_stage_resources_against_launcher_defaults():
     assert params["account"] == "proj" and params["constraint"] == "h100" and params["exclusive"] is True
     assert params["setup"] == ["module load cuda", "conda activate tessera"]
     assert params["additional_parameters"] == {"requeue": True, "reservation": "big", "gres": "gpu:h100:8"}
+    # One dead rank ends the whole step (the others would wait in a collective until the timeout).
+    assert params["srun_args"] == ["--kill-on-bad-exit=1"]
+    assert "srun_args" not in job_spec(cfg, "score").submitit_parameters(120)
     opts = job_spec(cfg, "shard").sbatch_options()
     assert "--array=0-15" in opts and "--partition=gpu" in opts and "--reservation=big" in opts
+
+
+def test_job_info_reads_states_restarts_and_nodes_of_every_array_task(monkeypatch):
+    import launchers.job_records as jobs
+
+    tasks = [{"JobState": "COMPLETED", "Restarts": "0", "NodeList": "n1", "ReqNodeList": "(null)"},
+             {"JobState": "RUNNING", "Restarts": "1", "NodeList": "n[2-3]"},
+             {"JobState": "PENDING", "Restarts": "0", "NodeList": "(null)"},
+             {"JobState": "COMPLETED", "Restarts": "0", "NodeList": "n1"}]
+    monkeypatch.setattr(jobs, "_scontrol_states", lambda job_id: tasks)
+    assert jobs.job_info("7") == (["COMPLETED", "RUNNING", "PENDING", "COMPLETED"], 1, "n1,n[2-3]")
+    monkeypatch.setattr(jobs, "_scontrol_states", lambda job_id: [])
+    monkeypatch.setattr(jobs, "_sacct_states", lambda job_id: ["FAILED"])
+    assert jobs.job_info("7") == (["FAILED"], 0, "")
 
 
 def test_bad_launcher_values_are_config_errors():

@@ -5,11 +5,19 @@ import pytest
 import torch
 
 from pipeline.config.schema import build_section
-from pipeline.losses import (LPIPSLoss, PatchGANDiscriminator, TokenizerLoss, adaptive_gan_weight, budget_loss,
-                             generator_gan_loss, hinge_d_loss, reconstruction_loss)
+from pipeline.losses import (
+    LPIPSLoss,
+    PatchGANDiscriminator,
+    TokenizerLoss,
+    adaptive_gan_weight,
+    budget_loss,
+    generator_gan_loss,
+    hinge_d_loss,
+    reconstruction_loss,
+)
 from pipeline.models.registry import build_tokenizer
-from pipeline.models.tokenizers import TokenizerAux
 from pipeline.models.tokenizer_config import TokenizerConfig
+from pipeline.models.tokenizers import TokenizerAux
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,17 @@ import tempfile
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from testkit import free_port
-from pipeline.evaluation.metrics import (downsample_baseline, downsample_side_for_bits, feature_statistics, frechet_distance,
-                              frechet_distance_from_statistics, mean_colour_baseline, psnr_per_image)
+
+from pipeline.evaluation.metrics import (
+    downsample_baseline,
+    downsample_side_for_bits,
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_from_statistics,
+    mean_colour_baseline,
+    psnr_per_image,
+)
 from pipeline.train.tokenizer_eval import evaluate_tokenizer
 
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 from testkit import REPO
+
 from pipeline.runtime.progress import PlainProgress, progress
 
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from einops import rearrange
-
 from testkit import free_port
-from pipeline.models.quantizer import ResidualQuantizer, VectorQuantizer
 
+from pipeline.models.quantizer import ResidualQuantizer, VectorQuantizer
 
 OURS = dict(per_depth_update=False, authors_restart=False)
 

@@ -2,8 +2,15 @@
 import pytest
 import torch
 
-from pipeline.generation.sampling import (SamplingOptions, draw, filter_logits, guidance_scale, guide,
-                                          per_sample_uniforms, sample_seed)
+from pipeline.generation.sampling import (
+    SamplingOptions,
+    draw,
+    filter_logits,
+    guidance_scale,
+    guide,
+    per_sample_uniforms,
+    sample_seed,
+)
 
 
 def test_top_k_and_top_p_keep_what_their_definitions_keep():
