@@ -1,6 +1,6 @@
 """The stage graph of a submission and each stage's SLURM request.
 
-A stage depends on the earlier stages it reads (its module's INPUT_STAGES), restricted to the
+A stage depends on the earlier stages it reads (its module's INPUTS), restricted to the
 stages being submitted: a finished stage is not resubmitted and nothing waits for it. Each stage
 becomes a `JobSpec`: its resources from the `launcher` section, resolved against the
 launcher-wide defaults, as submitit parameters and as plain sbatch options.
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pipeline.config.root import Config
 from pipeline.config.schema import ConfigError
 from pipeline.runner.rundir import STAGE_NAMES, RunDir
-from pipeline.runner.stage import load_stage_module
+from pipeline.runner.stage import load_stage_module, stage_inputs
 
 DATA_PARALLEL_STAGES = ("shard", "precompute_codes", "sample")  # units of work: job arrays
 TRAINING_STAGES = ("train_tokenizer", "train_prior")              # one rank per GPU, srun, many nodes
@@ -124,13 +124,13 @@ def select_stages(requested: str | None, implemented: list[str]) -> list[str]:
 
 def build_graph(cfg: Config, run_dir, stages: list[str]) -> tuple[list[JobSpec], list[str]]:
     """(jobs to submit in order, stages left out because they are done). A job waits for the
-    submitted stages among its stage's INPUT_STAGES."""
+    submitted stages among its stage's INPUTS."""
     run = RunDir(run_dir)
     done = [s for s in stages if run.state(s).state == "done"]
     todo = [s for s in stages if s not in done]
     specs = []
     for stage in todo:
-        inputs = getattr(load_stage_module(stage), "INPUT_STAGES", ())
+        inputs = stage_inputs(load_stage_module(stage))
         # An input that is neither done nor submitted: the stage itself names it when it starts.
         specs.append(job_spec(cfg, stage, [dep for dep in STAGE_NAMES if dep in inputs and dep in todo]))
     return specs, done

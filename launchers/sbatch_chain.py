@@ -17,7 +17,7 @@ from pathlib import Path
 from pipeline.config.root import load_config
 from pipeline.config.schema import ConfigError
 from pipeline.runner.rundir import check_run_dir_name
-from pipeline.runner.stage import available_stages, preflight
+from pipeline.runner.stage import STAGE_NAMES, preflight
 
 from .graph import DATA_PARALLEL_STAGES, JobSpec, build_graph, select_stages
 from .job_records import record_submission, slurm_dir, update_last_submission
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         config = str(Path(args.config).resolve())
         run_dir = Path(args.run_dir).resolve()
         check_run_dir_name(run_dir)
-        stages = select_stages(args.stages, available_stages())
+        stages = select_stages(args.stages, list(STAGE_NAMES))
         preflight(cfg, stages)
         specs, done = build_graph(cfg, run_dir, stages)
     except ConfigError as err:

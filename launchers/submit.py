@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import submitit
+
 # _make_sbatch_string renders the script submitit would submit; --dry-run prints it without a
 # cluster (SlurmExecutor itself refuses to exist where srun is missing).
 from submitit.slurm.slurm import _make_sbatch_string
@@ -26,7 +27,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 from pipeline.config.root import load_config
 from pipeline.config.schema import ConfigError
 from pipeline.runner.rundir import check_run_dir_name
-from pipeline.runner.stage import available_stages, preflight
+from pipeline.runner.stage import STAGE_NAMES, preflight
 
 from .graph import JobSpec, build_graph, format_graph, select_stages
 from .job_records import live_jobs, record_submission, slurm_dir, update_last_submission
@@ -82,7 +83,7 @@ def submit(config: str, overrides: list[str], run_dir: str | None, stages: str |
     run_path = (Path(run_dir) if run_dir else Path("runs") / cfg.name).resolve()
     check_run_dir_name(run_path)  # it is pasted into the sbatch scripts submitit writes
     config_path = str(Path(config).resolve())  # the jobs start in the repository, not necessarily here
-    selected = select_stages(stages, available_stages())
+    selected = select_stages(stages, list(STAGE_NAMES))
     preflight(cfg, selected)
     specs, done = build_graph(cfg, run_path, selected)
     for stage in done:

@@ -20,41 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.runner.artifacts import PRIOR_WEIGHTS, TOKENIZER_WEIGHTS, load_prior, load_tokenizer
-from pipeline.generation.sample_files import pack_npz, read_sample_chunk, write_sample_chunk
 from pipeline.generation import sample_codes
 from pipeline.generation.decode import decode_to_uint8, save_uint8_grid
+from pipeline.generation.sample_files import pack_npz, read_sample_chunk, write_sample_chunk
 from pipeline.generation.sampling import SamplingOptions
-from pipeline.runtime.io import atomic_write_json, json_bytes, read_json, sha256_file, sha256_json
-from pipeline.runner.rundir import RunDir
+from pipeline.runner.artifacts import PRIOR_WEIGHTS, TOKENIZER_WEIGHTS, load_prior, load_tokenizer
 from pipeline.runner.stage import StageContext, StageError, StageResult
-from pipeline.runner.units import MANIFEST_NAME, Unit, UnitWork, items_and_rate, publish_unit
+from pipeline.runner.units import MANIFEST_NAME, Unit, items_and_rate, publish_unit, run_units
+from pipeline.runtime.io import atomic_write_json, json_bytes, read_json, sha256_file, sha256_json
 
 NAME = "sample"
-SECTIONS = ("sample",)
-INPUT_STAGES = ("train_tokenizer", "train_prior")
-IGNORED_KEYS = ("sample.grid_classes",)  # only the preview grid depends on it
+INPUTS = {"train_tokenizer": ("tokenizer.safetensors",), "train_prior": ("prior.safetensors",)}
 NPZ, GRID = "samples.npz", "grid.png"
 GRID_COLUMNS = 8
-
-
-def input_paths(run_dir: Path) -> tuple[Path, Path]:
-    """(tokenizer folder, prior folder); StageError when an earlier stage is not done."""
-    run = RunDir(run_dir)
-    for stage in INPUT_STAGES:
-        if run.read_done(stage) is None:
-            raise StageError(f"sample needs the {stage} stage first (no {run.done_path(stage)}): run `tessera run "
-                             f"CONFIG --run-dir {run_dir}`, or `tessera import rq-official --stage1 ... --stage2 ...`")
-    return run.stage_dir("train_tokenizer"), run.stage_dir("train_prior")
-
-
-def input_fingerprints(ctx: StageContext) -> dict[str, str]:
-    tok_dir, prior_dir = input_paths(ctx.run_dir)
-    run = RunDir(ctx.run_dir)
-    tok = run.read_done("train_tokenizer").get("outputs", {}).get(TOKENIZER_WEIGHTS)
-    prior = run.read_done("train_prior").get("outputs", {}).get(PRIOR_WEIGHTS)
-    return {"train_tokenizer/tokenizer.safetensors": tok or sha256_file(tok_dir / TOKENIZER_WEIGHTS),
-            "train_prior/prior.safetensors": prior or sha256_file(prior_dir / PRIOR_WEIGHTS)}
 
 
 def sampling_options(sc) -> SamplingOptions:
@@ -79,17 +57,12 @@ def verify_outputs(stage_dir: Path) -> None:
 
 def run(ctx: StageContext) -> StageResult | None:
     job = SampleJob.create(ctx)
-    work = UnitWork(ctx.stage_dir, job.plan, job.plan_id, worker=ctx.worker, num_workers=ctx.num_workers)
-    ctx.logger.info("sample plan: %d samples in %d chunk(s) of %d, %s; worker %d of %d writes %d chunk(s)",
-                    job.num_samples, len(job.plan), ctx.cfg.sample.chunk_size,
-                    f"{job.num_classes} classes" if job.num_classes else "unconditional", ctx.worker, ctx.num_workers,
-                    len(work.mine))
+    ctx.logger.info("sample plan: %d samples in %d chunk(s) of %d, %s", job.num_samples, len(job.plan),
+                    ctx.cfg.sample.chunk_size, f"{job.num_classes} classes" if job.num_classes else "unconditional")
 
     def write_one(unit: Unit, bar) -> dict:
         return publish_unit(ctx.stage_dir, unit, job.plan_id,
                             lambda path: {"count": write_sample_chunk(path, job.rows(unit, bar))})
-
-    stats = work.run(write_one, ctx.logger, desc="sample", progress_position=ctx.env.local_rank)
 
     def finalize(sidecars: list[dict]) -> dict:
         chunks = [ctx.stage_dir / s["name"] for s in sidecars]
@@ -99,20 +72,18 @@ def run(ctx: StageContext) -> StageResult | None:
         atomic_write_json(ctx.stage_dir / MANIFEST_NAME, manifest)  # last: its presence means complete
         return manifest
 
-    finished = work.finish(stats, finalize, is_main=ctx.env.is_main)
-    if finished is None:
-        ctx.logger.info("sample: other tasks' chunks are still missing; the last task packs samples.npz")
-        return None
-    manifest, all_stats = finished
-    drawn, rate = items_and_rate(all_stats)
-    per_class = manifest["per_class"]
-    counts = {"samples": job.num_samples, "classes": job.num_classes, "chunks": len(job.plan),
-              **({"min_per_class": min(per_class), "max_per_class": max(per_class)} if per_class else {})}
-    metrics = {"images_per_s": round(rate, 2), "samples_drawn_this_run": drawn,
-               "sampling": manifest["sampling"]}
-    return StageResult(counts=counts, metrics=metrics,
-                       outputs={NPZ: sha256_file(ctx.stage_dir / NPZ), GRID: sha256_file(ctx.stage_dir / GRID),
-                                MANIFEST_NAME: hashlib.sha256(json_bytes(manifest)).hexdigest()})
+    def summarize(manifest: dict, all_stats: list[dict]) -> StageResult:
+        drawn, rate = items_and_rate(all_stats)
+        per_class = manifest["per_class"]
+        counts = {"samples": job.num_samples, "classes": job.num_classes, "chunks": len(job.plan),
+                  **({"min_per_class": min(per_class), "max_per_class": max(per_class)} if per_class else {})}
+        metrics = {"images_per_s": round(rate, 2), "samples_drawn_this_run": drawn, "sampling": manifest["sampling"]}
+        return StageResult(counts=counts, metrics=metrics,
+                           outputs={NPZ: sha256_file(ctx.stage_dir / NPZ), GRID: sha256_file(ctx.stage_dir / GRID),
+                                    MANIFEST_NAME: hashlib.sha256(json_bytes(manifest)).hexdigest()})
+
+    return run_units(ctx, job.plan, job.plan_id, desc="sample", write_one=write_one, finalize=finalize,
+                     summarize=summarize)
 
 
 @dataclass
@@ -133,7 +104,7 @@ class SampleJob:
     @classmethod
     def create(cls, ctx: StageContext) -> "SampleJob":
         sc = ctx.cfg.sample
-        tok_dir, prior_dir = input_paths(ctx.run_dir)
+        tok_dir, prior_dir = ctx.input_path("train_tokenizer", ""), ctx.input_path("train_prior", "")
         tokenizer = load_tokenizer(tok_dir, ctx.device)
         prior = load_prior(prior_dir, ctx.device)
         if ctx.device.type == "cuda":

@@ -18,52 +18,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.runner.artifacts import PRIOR_CONFIG
-from pipeline.generation.sample_files import iter_npz_images
-from pipeline.runtime.dist import broadcast_object
 from pipeline.evaluation.inception import UNCALIBRATED, load_inception
-from pipeline.runtime.io import atomic_path, atomic_write_json, read_json, sha256_file
-from pipeline.runner.rundir import RunDir
 from pipeline.evaluation.reference_stats import split_reference
 from pipeline.evaluation.scoring import leaderboard_row, reference_from_npz, score_samples
+from pipeline.runtime.validate import check_reference_archive, check_sample_archive
+from pipeline.generation.sample_files import iter_npz_images
+from pipeline.runner.artifacts import PRIOR_CONFIG
+from pipeline.runner.rundir import RunDir
 from pipeline.runner.stage import StageContext, StageError, StageResult
 from pipeline.runner.units import MANIFEST_NAME
-from pipeline.runtime.validate import check_reference_archive, check_sample_archive
+from pipeline.runtime.dist import broadcast_object
+from pipeline.runtime.io import atomic_path, atomic_write_json, read_json, sha256_file
 
 NAME = "score"
-SECTIONS = ("score",)
-INPUT_STAGES = ("sample",)
-IGNORED_KEYS = ("score.batch_size",)
+INPUTS = {"sample": ("samples.npz",)}
 METRICS_JSON, LEADERBOARD = "metrics.json", "leaderboard.md"
-
-
-def samples_path(run_dir: Path) -> Path:
-    run = RunDir(run_dir)
-    if run.read_done("sample") is None:
-        raise StageError(f"score needs the sample stage first (no {run.done_path('sample')}); or score any ADM-format "
-                         f"archive with `tessera score --samples X.npz --ref REF`")
-    return run.stage_dir("sample") / "samples.npz"
-
-
-def input_fingerprints(ctx: StageContext) -> dict[str, str]:
-    run = RunDir(ctx.run_dir)
-    samples = samples_path(ctx.run_dir)
-    inputs = {"sample/samples.npz": run.read_done("sample").get("outputs", {}).get("samples.npz")
-              or sha256_file(samples)}
-    sc = ctx.cfg.score
-    if sc.reference:
-        inputs["reference"] = sha256_file(sc.reference) if Path(sc.reference).is_file() else f"missing:{sc.reference}"
-    else:
-        inputs["shard/manifest.json"] = sha256_file(shard_manifest(run))
-    return inputs
 
 
 def check_inputs(ctx: StageContext) -> None:
     """The samples and a user's score.reference, before the runner records an attempt: a wrong
     reference file fails here, in one line, and the corrected rerun is not held to it."""
-    shape = check_sample_archive(samples_path(ctx.run_dir), "samples")
+    shape = check_sample_archive(RunDir(ctx.run_dir).stage_dir("sample") / "samples.npz", "samples")
     if ctx.cfg.score.reference:
         check_reference_archive(ctx.cfg.score.reference, "score.reference", resolution=shape[1])
+
+
+def external_inputs(ctx: StageContext) -> dict[str, str]:
+    """The reference: the file `score.reference`, or the run's own shard manifest."""
+    sc = ctx.cfg.score
+    if sc.reference:
+        return {"reference": sha256_file(sc.reference) if Path(sc.reference).is_file() else f"missing:{sc.reference}"}
+    return {"shard/manifest.json": sha256_file(shard_manifest(RunDir(ctx.run_dir)))}
 
 
 def shard_manifest(run: RunDir) -> Path:
@@ -121,7 +106,7 @@ def describe_model(run: RunDir) -> tuple[str, int | None, str]:
 
 
 def run(ctx: StageContext) -> StageResult:
-    samples = samples_path(ctx.run_dir)
+    samples = ctx.input_path("sample", "samples.npz")
     outcome = None
     if ctx.env.is_main:
         try:
@@ -138,22 +123,39 @@ def run(ctx: StageContext) -> StageResult:
                        outputs={n: sha256_file(ctx.stage_dir / n) for n in (METRICS_JSON, LEADERBOARD)})
 
 
-def compute(ctx: StageContext, samples: Path) -> dict:
-    sc = ctx.cfg.score
-    run_dir = RunDir(ctx.run_dir)
+def score_archive(samples: Path, sc, device: torch.device, logger, dataset_reference=None) -> tuple[dict, str, dict]:
+    """(metrics, Inception source, reference) of the samples .npz against `sc.reference` (an .npz),
+    or against `dataset_reference(extractor, source, need_features)` when that is empty. The score
+    stage and `tessera score --samples --ref` both call it."""
     extractor, source = load_inception(sc.inception_weights, download=sc.download_weights,
-                                       allow_uncalibrated=sc.allow_uncalibrated, device=ctx.device)
+                                       allow_uncalibrated=sc.allow_uncalibrated, device=device)
     if source == UNCALIBRATED:
-        ctx.logger.warning("no Inception weights: uncalibrated Inception (every metric is named *_uncalibrated)")
+        logger.warning("no Inception weights: uncalibrated Inception (every metric is named *_uncalibrated)")
     need_features = bool({"kid", "prc"} & set(sc.metrics))
     if sc.reference:
         resolution = check_sample_archive(samples, "samples")[1]
         reference = reference_from_npz(Path(sc.reference), extractor, batch=sc.batch_size, need_features=need_features,
                                        resolution=resolution)
     else:
-        reference = dataset_reference(ctx, extractor, source, need_features)
+        reference = dataset_reference(extractor, source, need_features)
     metrics = score_samples(samples, reference, extractor, source, sc.metrics, batch=sc.batch_size,
                             kid_subset_size=sc.kid_subset_size)
+    return metrics, source, reference
+
+
+def write_score(out_dir: Path, record: dict, row: str) -> None:
+    """metrics.json (the record) and leaderboard.md (one markdown row), each written atomically."""
+    atomic_write_json(out_dir / METRICS_JSON, record)
+    with atomic_path(out_dir / LEADERBOARD) as tmp:
+        tmp.write_text(row)
+
+
+def compute(ctx: StageContext, samples: Path) -> dict:
+    sc = ctx.cfg.score
+    run_dir = RunDir(ctx.run_dir)
+    metrics, source, reference = score_archive(
+        samples, sc, ctx.device, ctx.logger,
+        dataset_reference=lambda extractor, source, need: dataset_reference(ctx, extractor, source, need))
     if sc.classifier_check:
         metrics.update(classifier_check(ctx, samples))
     sample_done = run_dir.read_done("sample") or {}
@@ -165,8 +167,7 @@ def compute(ctx: StageContext, samples: Path) -> dict:
     record = {"metrics": metrics, "inception": source, "reference": reference["source"], "samples": str(samples),
               "num_samples": num, "model": name, "parameters": params, "tokens_per_image": tokens,
               "sampling": sampling}
-    atomic_write_json(ctx.stage_dir / METRICS_JSON, record)
-    with atomic_path(ctx.stage_dir / LEADERBOARD) as tmp:
-        tmp.write_text(leaderboard_row(name, params, tokens, settings, metrics, num, reference["source"]))
+    write_score(ctx.stage_dir, record, leaderboard_row(name, params, tokens, settings, metrics, num,
+                                                       reference["source"]))
     ctx.logger.info("score: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     return metrics

@@ -20,21 +20,19 @@ import os
 from pipeline.data import manifest as manifest_lib
 from pipeline.data.shards import encode_loaded, plan_shards, samples_per_shard, write_shard
 from pipeline.data.sources import make_source
-from pipeline.runtime.io import atomic_write_text, json_bytes, sha256_json
 from pipeline.runner.stage import StageContext, StageError, StageResult
-from pipeline.runner.units import MANIFEST_NAME, UnitWork, items_and_rate, publish_unit
+from pipeline.runner.units import MANIFEST_NAME, items_and_rate, publish_unit, run_units
+from pipeline.runtime.io import atomic_write_text, json_bytes, sha256_json
 
 NAME = "shard"
-SECTIONS = ("data",)
-# Reader-side augmentation and the reject threshold (checked once every shard exists) leave the shards as they are.
-IGNORED_KEYS = ("data.random_crop", "data.hflip", "data.max_reject_fraction", "data.reader")
+INPUTS: dict = {}  # the first stage: its inputs are the source's images (external_inputs)
 # Config fields that change the shard bytes; the reader-only ones (hflip, num_workers...) do not.
 SHARD_FIELDS = ("source", "root", "resolution", "num_classes", "num_train", "num_val", "val_fraction", "format",
                 "image_encoding", "synthetic_style", "wds_train", "wds_val", "wds_image_key", "wds_label_key", "wds_mode")
 LOAD_CHUNK = 32  # images decoded/rendered per pool task (bounds memory, keeps numpy batched)
 
 
-def input_fingerprints(ctx: StageContext) -> dict[str, str]:
+def external_inputs(ctx: StageContext) -> dict[str, str]:
     return make_source(ctx.cfg.data, ctx.cfg.seed).fingerprint()
 
 
@@ -46,85 +44,68 @@ def verify_outputs(stage_dir) -> None:
 def run(ctx: StageContext) -> StageResult | None:
     data = ctx.cfg.data
     source = make_source(data, ctx.cfg.seed)
+    processes = data.shard_decode_processes or default_decode_processes()
+    plan_fields = {"seed": ctx.cfg.seed, "inputs": source.fingerprint(),
+                   **{name: getattr(data, name) for name in SHARD_FIELDS}}
     if source.kind == "webdataset":
-        return run_webdataset(ctx, source)
-    per_shard = samples_per_shard(data.resolution, data.shard_max_count, data.shard_max_bytes)
-    plan_id = sha256_json({"seed": ctx.cfg.seed, "per_shard": per_shard, "inputs": source.fingerprint(),
-                           **{name: getattr(data, name) for name in SHARD_FIELDS}})
-    work = UnitWork(ctx.stage_dir, plan_shards(source.split_sizes, per_shard, data.format), plan_id,
-                    worker=ctx.worker, num_workers=ctx.num_workers)
-    ctx.logger.info("shard plan: %d shard(s) of %s for %s; worker %d of %d writes %d", len(work.plan), data.format,
-                    source.split_sizes, ctx.worker, ctx.num_workers, len(work.mine))
-    warn_about_classes(source, data, ctx.logger)
+        # An existing webdataset shard set: one unit per input shard (resharded, or indexed).
+        from pipeline.data.wds_source import ShardSetWriter
 
-    processes = data.shard_decode_processes or default_decode_processes()
-    with _EncodePool(source, processes) as pool:
-        def write_one(unit, bar):
-            chunks = [(unit.split, lo, min(unit.stop, lo + LOAD_CHUNK), data.image_encoding)
-                      for lo in range(unit.start, unit.stop, LOAD_CHUNK)]
-            encoded = _counted(pool.imap(chunks), bar)
-            return publish_unit(ctx.stage_dir, unit, plan_id,
-                                lambda path: write_shard(path, encoded, fmt=data.format, encoding=data.image_encoding))
+        plan, plan_id = source.plan(data.format), sha256_json(plan_fields)
+        ctx.logger.info("shard plan (webdataset source, %s): %d input shard(s) %s", data.wds_mode, len(plan),
+                        {k: len(v) for k, v in source.urls.items()})
+        writer = ShardSetWriter(source, data.format, data.image_encoding, processes)
 
-        stats = work.run(write_one, ctx.logger, desc="shard", progress_position=ctx.env.local_rank)
-
-    return _finish(ctx, source, work, stats)
-
-
-def run_webdataset(ctx: StageContext, source) -> StageResult | None:
-    """An existing webdataset shard set: one unit per input shard (resharded, or indexed)."""
-    from pipeline.data.wds_source import ShardSetWriter
-
-    data = ctx.cfg.data
-    plan_id = sha256_json({"seed": ctx.cfg.seed, "inputs": source.fingerprint(),
-                           **{name: getattr(data, name) for name in SHARD_FIELDS}})
-    work = UnitWork(ctx.stage_dir, source.plan(data.format), plan_id, worker=ctx.worker, num_workers=ctx.num_workers)
-    ctx.logger.info("shard plan (webdataset source, %s): %d input shard(s) %s; worker %d of %d takes %d",
-                    data.wds_mode, len(work.plan), {k: len(v) for k, v in source.urls.items()}, ctx.worker,
-                    ctx.num_workers, len(work.mine))
-    processes = data.shard_decode_processes or default_decode_processes()
-    with ShardSetWriter(source, data.format, data.image_encoding, processes) as writer:
         def write_one(unit, bar):  # the plan's units are input shards: the bar counts shards here
             sidecar = publish_unit(ctx.stage_dir, unit, plan_id, lambda path: writer.write(unit, path))
             bar.update(1)
             return sidecar
+    else:
+        per_shard = samples_per_shard(data.resolution, data.shard_max_count, data.shard_max_bytes)
+        plan, plan_id = plan_shards(source.split_sizes, per_shard, data.format), sha256_json(
+            {**plan_fields, "per_shard": per_shard})
+        ctx.logger.info("shard plan: %d shard(s) of %s for %s", len(plan), data.format, source.split_sizes)
+        warn_about_classes(source, data, ctx.logger)
+        writer = _EncodePool(source, processes)
 
-        stats = work.run(write_one, ctx.logger, desc="shard", progress_position=ctx.env.local_rank)
-    return _finish(ctx, source, work, stats)
+        def write_one(unit, bar):
+            chunks = [(unit.split, lo, min(unit.stop, lo + LOAD_CHUNK), data.image_encoding)
+                      for lo in range(unit.start, unit.stop, LOAD_CHUNK)]
+            encoded = _counted(writer.imap(chunks), bar)
+            return publish_unit(ctx.stage_dir, unit, plan_id,
+                                lambda path: write_shard(path, encoded, fmt=data.format, encoding=data.image_encoding))
+
+    def summarize(summary: dict, all_stats: list[dict]) -> StageResult:
+        images_now, rate = items_and_rate(all_stats)
+        ctx.logger.info("shard: manifest written: %s", summary["counts"])
+        return StageResult(counts=summary["counts"], outputs=summary["outputs"],
+                           metrics={"images_written_this_run": images_now, "images_per_s": round(rate, 1)})
+
+    with writer:
+        return run_units(ctx, plan, plan_id, desc="shard", write_one=write_one, summarize=summarize,
+                         finalize=lambda sidecars: finalize(ctx, source, plan, plan_id, sidecars))
 
 
-def _finish(ctx: StageContext, source, work: UnitWork, stats: dict) -> StageResult | None:
-    finished = work.finish(stats, lambda sidecars: finalize(ctx, source, work, sidecars), is_main=ctx.env.is_main)
-    if finished is None:
-        ctx.logger.info("shard: other tasks' shards are still missing; the last task to finish writes the manifest")
-        return None
-    summary, all_stats = finished
-    images_now, rate = items_and_rate(all_stats)
-    metrics = {"images_written_this_run": images_now, "images_per_s": round(rate, 1)}
-    ctx.logger.info("shard: manifest written: %s", summary["counts"])
-    return StageResult(counts=summary["counts"], metrics=metrics, outputs=summary["outputs"])
-
-
-def finalize(ctx: StageContext, source, work: UnitWork, sidecars: list[dict]) -> dict:
+def finalize(ctx: StageContext, source, plan: list, plan_id: str, sidecars: list[dict]) -> dict:
     """Write rejected.jsonl and manifest.json (rank 0); fail when too many inputs were unreadable.
 
     The manifest is not written on failure, so a later stage never reads a dataset that failed
     its reject check; rejected.jsonl is, for inspection.
     """
     data = ctx.cfg.data
-    rejected = manifest_lib.rejected_lines(work.plan, sidecars)
+    rejected = manifest_lib.rejected_lines(plan, sidecars)
     if source.kind == "webdataset":
         from pipeline.data.wds_source import split_inputs
 
-        inputs = split_inputs(work.plan, sidecars)
+        inputs = split_inputs(plan, sidecars)
     else:
         inputs = source.split_sizes
     manifest = manifest_lib.build_manifest(
-        work.plan, sidecars, source_kind=source.kind, class_names=source.class_names, resolution=data.resolution,
+        plan, sidecars, source_kind=source.kind, class_names=source.class_names, resolution=data.resolution,
         fmt="webdataset" if source.kind == "webdataset" and data.wds_mode == "index" else data.format,
-        encoding=data.image_encoding, split_inputs=inputs, plan_id=work.plan_id)
+        encoding=data.image_encoding, split_inputs=inputs, plan_id=plan_id)
     if source.kind == "webdataset":
-        manifest = source.annotate_manifest(manifest, work.plan, sidecars)
+        manifest = source.annotate_manifest(manifest, plan, sidecars)
     totals = manifest["totals"]
     fraction = totals["rejected"] / max(totals["inputs"], 1)
     rejected_path = ctx.stage_dir / manifest_lib.REJECTED_NAME

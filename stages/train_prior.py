@@ -13,9 +13,9 @@ from pipeline.config.schema import ConfigError
 from pipeline.data.loaders import CodeLoaders
 from pipeline.models.prior_config import CodeSpec
 from pipeline.models.registry import build_prior, build_tokenizer
-from pipeline.runner.artifacts import PRIOR_CONFIG, PRIOR_WEIGHTS, TOKENIZER_WEIGHTS, load_tokenizer, save_prior
+from pipeline.runner.artifacts import PRIOR_CONFIG, PRIOR_WEIGHTS, load_tokenizer, save_prior
 from pipeline.runner.rundir import RunDir
-from pipeline.runner.stage import StageError, StageResult
+from pipeline.runner.stage import StageResult
 from pipeline.runtime.dist import barrier
 from pipeline.runtime.io import sha256_file
 from pipeline.runtime.logs import tensorboard_writer
@@ -23,13 +23,9 @@ from pipeline.train.prior_trainer import PriorTrainer
 from pipeline.train.signals import PreemptionGuard
 
 NAME = "train_prior"
-SECTIONS = ("prior", "prior_train")
-INPUT_STAGES = ("train_tokenizer", "precompute_codes")
+INPUTS = {"train_tokenizer": ("tokenizer.safetensors",), "precompute_codes": ("manifest.json",)}
 # A lost or corrupt export is rebuilt from the final checkpoint (pipeline/runner/repair.py), not retrained.
 EXPORTS_FROM_CHECKPOINT = True
-# How often it logs, checkpoints and draws preview samples: resume is exact, so the weights are the same.
-IGNORED_KEYS = ("prior_train.log_every", "prior_train.checkpoint_every", "prior_train.keep_checkpoints",
-                "prior_train.checkpoint_every_min", "prior_train.sample_every")
 
 
 def check_config(cfg) -> None:
@@ -45,25 +41,6 @@ def check_config(cfg) -> None:
     with torch.device("meta"):
         spec = CodeSpec.from_tokenizer(build_tokenizer(cfg.tokenizer, cfg.data.resolution))
         build_prior(p, spec)
-
-
-def input_fingerprints(ctx) -> dict:
-    run = RunDir(ctx.run_dir)
-    inputs = (run.read_done(NAME) or {}).get("inputs") or {}
-    if inputs and all(k.startswith("import:") for k in inputs):
-        # Imported (`tessera import rq-official --stage2`): no codes were read; the hashes of the
-        # imported files stand for the inputs, so a later run skips the stage instead of training.
-        return inputs
-    for stage in INPUT_STAGES:
-        if run.read_done(stage) is None:
-            raise StageError(f"train_prior needs the {stage} stage first: run `tessera run CONFIG --run-dir "
-                             f"{ctx.run_dir}` (no {run.done_path(stage)})")
-    tok_out = run.read_done("train_tokenizer").get("outputs", {})
-    codes_out = run.read_done("precompute_codes").get("outputs", {})
-    return {"train_tokenizer/tokenizer.safetensors": tok_out.get(TOKENIZER_WEIGHTS)
-            or sha256_file(run.stage_dir("train_tokenizer") / TOKENIZER_WEIGHTS),
-            "precompute_codes/manifest.json": codes_out.get("manifest.json")
-            or sha256_file(run.stage_dir("precompute_codes") / "manifest.json")}
 
 
 def run(ctx) -> StageResult:

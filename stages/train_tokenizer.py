@@ -11,8 +11,7 @@ import torch
 from pipeline.data.loaders import ImageLoaders
 from pipeline.models.registry import build_tokenizer
 from pipeline.runner.artifacts import TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, save_tokenizer
-from pipeline.runner.rundir import RunDir
-from pipeline.runner.stage import StageError, StageResult
+from pipeline.runner.stage import StageResult
 from pipeline.runtime.dist import barrier
 from pipeline.runtime.io import sha256_file
 from pipeline.runtime.logs import tensorboard_writer
@@ -20,12 +19,9 @@ from pipeline.train.signals import PreemptionGuard
 from pipeline.train.tokenizer_trainer import TokenizerTrainer
 
 NAME = "train_tokenizer"
-SECTIONS = ("data", "tokenizer", "tokenizer_train")
-INPUT_STAGES = ("shard",)
+INPUTS = {"shard": ("manifest.json",)}
 # A lost or corrupt export is rebuilt from the final checkpoint (pipeline/runner/repair.py), not retrained.
 EXPORTS_FROM_CHECKPOINT = True
-# How often it logs and checkpoints, and how many it keeps: resume is exact, so the weights are the same.
-IGNORED_KEYS = ("tokenizer_train.log_every", "tokenizer_train.checkpoint_every", "tokenizer_train.keep_checkpoints")
 
 
 def check_config(cfg) -> None:
@@ -34,28 +30,11 @@ def check_config(cfg) -> None:
         build_tokenizer(cfg.tokenizer, cfg.data.resolution)
 
 
-def _manifest(ctx):
-    run = RunDir(ctx.run_dir)
-    if run.read_done("shard") is None:
-        raise StageError(f"train_tokenizer needs the shard stage first: run `tessera stage shard ... "
-                         f"--run-dir {ctx.run_dir}` (no {run.done_path('shard')})")
-    return run.stage_dir("shard") / "manifest.json"
-
-
-def input_fingerprints(ctx) -> dict:
-    done = RunDir(ctx.run_dir).read_done(NAME)
-    inputs = (done or {}).get("inputs") or {}
-    if inputs and all(k.startswith("import:") for k in inputs):
-        # Imported (`tessera import`, pipeline/importers): no shards were read; the hashes of the
-        # imported files stand for the inputs, so a later run skips the stage instead of retraining.
-        return inputs
-    return {"shard/manifest.json": sha256_file(_manifest(ctx))}
-
-
 def run(ctx) -> StageResult:
     cfg = ctx.cfg
-    loaders = ImageLoaders(manifest=_manifest(ctx), env=ctx.env, seed=cfg.seed, num_workers=cfg.data.num_workers,
-                           random_crop=cfg.data.random_crop, hflip=cfg.data.hflip, reader=cfg.data.reader)
+    loaders = ImageLoaders(manifest=ctx.input_path("shard", "manifest.json"), env=ctx.env, seed=cfg.seed,
+                           num_workers=cfg.data.num_workers, random_crop=cfg.data.random_crop, hflip=cfg.data.hflip,
+                           reader=cfg.data.reader)
     writer = tensorboard_writer(ctx.run_dir, NAME)
     # The guard is up before the (slow) model build, so an early SLURM signal is not fatal.
     try:

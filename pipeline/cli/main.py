@@ -166,21 +166,18 @@ def _from_scratch(args) -> bool:
 
 def cmd_run(args) -> int:
     from ..config.root import load_config
-    from ..runner.stage import STAGE_NAMES, available_stages, preflight, run_stage
+    from ..runner.stage import STAGE_NAMES, preflight, run_stage
     from .summary import format_summary
 
     cfg = load_config(args.config, args.overrides)
-    implemented = available_stages()
     if args.stages:
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
         for s in stages:
             if s not in STAGE_NAMES:
                 raise ConfigError(f"--stages: unknown stage {s!r}; stages are: {', '.join(STAGE_NAMES)}")
-            if s not in implemented:
-                raise ConfigError(f"--stages: stage {s!r} is not implemented yet; available: {', '.join(implemented)}")
         stages = [s for s in STAGE_NAMES if s in stages]  # always in pipeline order
     else:
-        stages = implemented
+        stages = list(STAGE_NAMES)
     preflight(cfg, stages)  # every stage's config checks before the first stage starts
     run_dir = _run_dir(args, cfg)
     for name in stages:
@@ -295,15 +292,17 @@ def cmd_import(args) -> int:
 
 
 def cmd_score(args) -> int:
-    """`tessera score --samples X.npz --ref REF`: the score stage's computation on any archive."""
+    """`tessera score --samples X.npz --ref REF`: the score stage's own computation on any archive."""
     import json
+    import logging
     from pathlib import Path
 
     import torch
 
-    from ..evaluation.inception import load_inception
-    from ..runtime.io import atomic_path, atomic_write_json
-    from ..evaluation.scoring import METRIC_NAMES, leaderboard_row, reference_from_npz, score_samples
+    from ..config.schema import build_section
+    from ..config.sections import ScoreConfig
+    from ..evaluation.scoring import METRIC_NAMES, leaderboard_row, read_npz_header
+    from ..runner.stage import load_stage_module
     from ..runtime.validate import check_reference_archive, check_sample_archive
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -314,14 +313,15 @@ def cmd_score(args) -> int:
     # Both files are checked before the (slow) Inception network is loaded.
     shape = check_sample_archive(samples, "--samples")
     check_reference_archive(args.ref, "--ref", resolution=shape[1])
+    sc = build_section(ScoreConfig, {
+        "metrics": metrics, "reference": str(args.ref),
+        "inception_weights": args.inception_weights, "download_weights": not args.no_download,
+        "allow_uncalibrated": args.allow_uncalibrated, "batch_size": args.batch_size,
+        "kid_subset_size": args.kid_subset_size}, "score")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    extractor, source = load_inception(args.inception_weights, download=not args.no_download,
-                                       allow_uncalibrated=args.allow_uncalibrated, device=device)
-    reference = reference_from_npz(Path(args.ref), extractor, batch=args.batch_size,
-                                   need_features=bool({"kid", "prc"} & set(metrics)), resolution=shape[1], what="--ref")
-    result = score_samples(samples, reference, extractor, source, metrics, batch=args.batch_size,
-                           kid_subset_size=args.kid_subset_size)
-    num = shape[0]
+    score = load_stage_module("score")
+    result, source, _ = score.score_archive(samples, sc, device, logging.getLogger("tessera.score"))
+    num = read_npz_header(samples)[0][0]
     record = {"metrics": result, "inception": source, "reference": str(args.ref), "samples": str(samples),
               "num_samples": num}
     print(json.dumps(record, indent=1))
@@ -330,9 +330,7 @@ def cmd_score(args) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "metrics.json", record)
-        with atomic_path(out / "leaderboard.md") as tmp:
-            tmp.write_text(row)
+        score.write_score(out, record, row)
     return 0
 
 
@@ -354,15 +352,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ..train.signals import PREEMPTED_EXIT_CODE, Interrupted, Preempted
     from ..runtime.errors import StageError, describe_os_error
+    from ..train.signals import PREEMPTED_EXIT_CODE, Interrupted, Preempted
 
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, StageError) as err:
         print(f"tessera: error: {err}", file=sys.stderr)
         return 2
-    except (Preempted, Interrupted) as stop:  # checkpoint or units written; the launcher requeues on this code
+    except (Preempted, Interrupted) as stop:  # checkpoint written; the launcher requeues on this exit code
         print(f"tessera: {stop}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     except BrokenPipeError:  # e.g. `tessera config --keys | head`

@@ -13,32 +13,37 @@ from typing import Iterable
 
 import yaml
 
-from .schema import ConfigError, build_section, describe, option
-from ..runtime.io import sha256_json
 from ..models.prior_config import PriorConfig
 from ..models.tokenizer_config import TokenizerConfig
-from .sections import (DataConfig, LauncherConfig, PrecomputeConfig, PriorTrainConfig, SampleConfig, ScoreConfig,
-                       TokenizerTrainConfig)
+from ..runtime.io import sha256_json
+from .schema import RUNTIME, ConfigError, build_section, describe, key_effects, option
+from .sections import (
+    DataConfig,
+    LauncherConfig,
+    PrecomputeConfig,
+    PriorTrainConfig,
+    SampleConfig,
+    ScoreConfig,
+    TokenizerTrainConfig,
+)
 
-
-# Keys that change how a stage runs (or what it measures once at the end), never what it produces:
-# excluded from every stage's hash, so e.g. more DataLoader workers on a rerun is not "a different config".
-RUNTIME_KEYS = ("data.num_workers", "data.shard_decode_processes", "data.fetch_retries", "data.ca_bundle",
-                "tokenizer_train.rfid_images")
 # ZeRO stages the tokenizer trains with under tokenizer_train.engine=deepspeed.
 TOKENIZER_ZERO_STAGES = (0, 1, 2)
 
 
 @dataclass
 class Config:
-    name: str = option("run", "run name (default run directory: runs/<name>); defaults to the YAML file's stem")
-    seed: int = option(0, "master seed: shards, init, data order and sampling all derive from it", ge=0)
+    name: str = option("run", "run name (default run directory: runs/<name>); defaults to the YAML file's stem",
+                       affects=RUNTIME)
+    seed: int = option(0, "master seed: shards, init, data order and sampling all derive from it", ge=0,
+                       affects=("shard", "train_tokenizer", "precompute_codes", "train_prior", "sample", "score"))
     data: DataConfig = option(DataConfig(), "image source, resolution and shard layout")
     tokenizer: TokenizerConfig = option(TokenizerConfig(), "tokenizer architecture, quantizer and losses")
-    tokenizer_train: TokenizerTrainConfig = option(TokenizerTrainConfig(), "optimisation of the tokenizer")
+    tokenizer_train: TokenizerTrainConfig = option(TokenizerTrainConfig(), "optimisation of the tokenizer",
+                                                   owner="train_tokenizer")
     precompute: PrecomputeConfig = option(PrecomputeConfig(), "encoding the dataset into code shards")
     prior: PriorConfig = option(PriorConfig(), "the autoregressive prior")
-    prior_train: PriorTrainConfig = option(PriorTrainConfig(), "optimisation of the prior")
+    prior_train: PriorTrainConfig = option(PriorTrainConfig(), "optimisation of the prior", owner="train_prior")
     sample: SampleConfig = option(SampleConfig(), "sampling")
     score: ScoreConfig = option(ScoreConfig(), "scoring (FID and friends)")
     launcher: LauncherConfig = option(LauncherConfig(), "SLURM resources per stage")
@@ -57,35 +62,39 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def stage_view(self, sections: Iterable[str], ignore: Iterable[str] = ()) -> dict:
-        """The config sections a stage depends on (plus the seed), without the runtime-only keys
-        and the dotted keys in `ignore` (which do not affect its outputs)."""
-        d = self.to_dict()
-        picked = {name: dict(d[name]) for name in sections}
-        for key in (*RUNTIME_KEYS, *ignore):
-            section, _, field = key.partition(".")
-            if section in picked:
-                picked[section].pop(field, None)
-        return {"seed": self.seed, **picked}
+    def stage_view(self, stage: str) -> dict:
+        """The keys that declare they affect `stage`'s outputs (option(affects=...)), nested like
+        to_dict(): what the stage reads and hashes into its done.json."""
+        d, view = self.to_dict(), {}
+        for key, stages in key_effects(Config).items():
+            if stage in stages:
+                *sections, leaf = key.split(".")
+                node, value = view, d
+                for section in sections:
+                    node, value = node.setdefault(section, {}), value[section]
+                node[leaf] = value[leaf]
+        return view
 
-    def section_hash(self, sections: Iterable[str], ignore: Iterable[str] = ()) -> str:
+    def stage_hash(self, stage: str) -> str:
         """Fingerprint of `stage_view`: equal hashes mean the stage would produce the same outputs."""
-        return sha256_json(self.stage_view(sections, ignore))
+        return sha256_json(self.stage_view(stage))
 
 
 def changed_keys(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts, as 'key: old -> new'.
+    """Dotted keys of `new` whose values differ in `old` (two nested config dicts), as 'key: old -> new'.
 
-    With `defaults` (the same nesting), a key absent from `old` whose new value is its default is
-    not a change: it was added to the config after `old` was recorded, and its default keeps the
-    behaviour that existed then (new keys must be introduced that way)."""
+    Keys only in `old` are not changes: the stage no longer reads them. With `defaults` (the same
+    nesting), a key absent from `old` whose new value equals the one in `defaults` is not a change
+    either: it was added to the config, or to the stage's hash, after `old` was recorded, and that
+    value is what the stage used then (a new key's default keeps the behaviour before it)."""
     changes = []
     defaults = defaults if isinstance(defaults, dict) else None
-    for key in sorted(set(old) | set(new)):
+    for key in sorted(new):
         path = f"{prefix}{key}"
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes.extend(changed_keys(a, b, path + ".", defaults.get(key) if defaults else None))
+        a, b = old.get(key, "<absent>"), new[key]
+        if isinstance(b, dict) and (isinstance(a, dict) or a == "<absent>"):  # a whole section may be new
+            changes.extend(changed_keys(a if isinstance(a, dict) else {}, b, path + ".",
+                                        defaults.get(key) if defaults else None))
         elif a == "<absent>" and defaults is not None and key in defaults and defaults[key] == b:
             continue
         elif a != b:

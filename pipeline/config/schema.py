@@ -1,7 +1,9 @@
 """Loading and validating typed config dataclasses.
 
 Sections are dataclasses whose fields are declared with `option(...)`: a default, a one-line
-help text, and optional `choices` / `ge` / `le` bounds. `build_section` turns a plain mapping
+help text, optional `choices` / `ge` / `le` bounds, and what the key affects (`affects=`): the
+stages whose outputs it changes (those stages hash it into their done.json), or RUNTIME (how a
+stage runs or what it reports, never what a later stage reads: hashed by none). `build_section` turns a plain mapping
 (YAML + dotted overrides) into a section object and raises `ConfigError` naming the full key
 path and what is allowed -- never a raw traceback for a user mistake.
 """
@@ -18,10 +20,20 @@ class ConfigError(ValueError):
     """A user mistake in a config file or override; the message is meant to be shown as is."""
 
 
+# What a key affects (`option(affects=...)`), besides a tuple of stage names:
+RUNTIME = "runtime"   # how a stage runs (workers, retries, logging cadence, checks): no stage hashes it
+OWNER = "owner"       # the stage that owns the key's section (a section class used twice, e.g. TrainConfig,
+                      # names it on the root field: option(..., owner="train_prior"))
+
+
 def option(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
-           le: float | None = None, gt: float | None = None):
-    """A config field: default, help text and allowed values (used for validation and docs)."""
-    meta = {"help": help, "choices": choices, "ge": ge, "le": le, "gt": gt}
+           le: float | None = None, gt: float | None = None, affects: tuple[str, ...] | str | None = None,
+           owner: str | None = None):
+    """A config field: default, help text, allowed values (used for validation and docs) and what
+    it affects. A leaf key must say `affects`; a section field may name its `owner` stage."""
+    if isinstance(affects, str) and affects not in (RUNTIME, OWNER):
+        affects = (affects,)
+    meta = {"help": help, "choices": choices, "ge": ge, "le": le, "gt": gt, "affects": affects, "owner": owner}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     if dataclasses.is_dataclass(default):
@@ -147,6 +159,25 @@ def leaf_fields(cls, prefix: str = ""):
             yield from leaf_fields(tp, path + ".")
         else:
             yield path, tp, f
+
+
+def key_effects(cls, prefix: str = "", owner: str | None = None) -> dict[str, tuple[str, ...]]:
+    """Dotted key -> the stages whose outputs it changes (() for RUNTIME keys), from `affects=`.
+
+    OWNER resolves to the nearest enclosing section field's `owner`; a leaf key that declares
+    nothing is a programming error, reported by name."""
+    effects = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path, tp = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            effects.update(key_effects(tp, path + ".", f.metadata.get("owner") or owner))
+            continue
+        affects = f.metadata.get("affects")
+        if affects is None or (affects == OWNER and owner is None):
+            raise TypeError(f"config key {path} does not declare what it affects (option(..., affects=...))")
+        effects[path] = () if affects == RUNTIME else (owner,) if affects == OWNER else tuple(affects)
+    return effects
 
 
 def field_default(f: dataclasses.Field):

@@ -53,8 +53,6 @@ from ..runtime.validate import load_tensor_checkpoint, read_yaml_mapping
 SOURCE = "rq-official"
 MODEL_FILE, CONFIG_FILE = "model.pt", "config.yaml"
 IMPORT_RECORD = "import.json"
-# done.json input keys of an imported stage start with this (stages/train_tokenizer.py then keeps them).
-IMPORT_INPUT_PREFIX = "import:"
 # Their GroupNorm: always 32 groups (rqvae/models/rqvae/layers.py: Normalize).
 THEIR_NORM_GROUPS = 32
 # What their loader (rqvae/utils/config.py: augment_arch_defaults) and constructors

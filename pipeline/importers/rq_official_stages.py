@@ -22,13 +22,12 @@ from ..runner.artifacts import (
     save_prior,
     save_tokenizer,
 )
-from ..runner.stage import StageContext, StageOutcome, StageResult, load_stage_module, run_stage
+from ..runner.stage import IMPORTED_INPUT_PREFIX, StageContext, StageOutcome, StageResult, run_stage
 from ..runtime.dist import barrier
 from ..runtime.io import atomic_write_json, sha256_file
 from ..runtime.validate import read_yaml_mapping
 from .rq_official import (
     CONFIG_FILE,
-    IMPORT_INPUT_PREFIX,
     IMPORT_RECORD,
     MODEL_FILE,
     SOURCE,
@@ -42,20 +41,20 @@ from .rq_official_prior import build_from_their_state, load_stage2_state_dict, p
 
 
 class _ImportedStage:
-    """Stands in for a stage module (stages/<name>.py) in the stage runner: the same NAME, SECTIONS
-    and IGNORED_KEYS (so done.json carries the config hash the stage computes), and inputs = the
-    hashes of the files read (the stage keeps inputs that start with IMPORT_INPUT_PREFIX, so a later
-    `tessera run` skips it instead of training). Subclasses write the outputs."""
+    """Stands in for a stage module (stages/<name>.py) in the stage runner: the same NAME (so
+    done.json carries the config hash the stage computes), and inputs = the hashes of the files
+    read (the runner keeps inputs that start with IMPORTED_INPUT_PREFIX, so a later `tessera run`
+    skips the stage instead of training). Subclasses write the outputs."""
 
-    INPUT_STAGES: tuple[str, ...] = ()
+    INPUTS: dict[str, tuple[str, ...]] = {}
+    IMPORTS = True
     OUTPUTS: tuple[str, ...] = ()
 
     def __init__(self, name: str, model, inputs: dict, record: dict):
-        stage = load_stage_module(name)  # as the runner loads it (pipeline never imports stages/)
-        self.NAME, self.SECTIONS, self.IGNORED_KEYS = stage.NAME, stage.SECTIONS, stage.IGNORED_KEYS
+        self.NAME = name
         self.model, self.inputs, self.record = model, inputs, record
 
-    def input_fingerprints(self, ctx: StageContext) -> dict:
+    def external_inputs(self, ctx: StageContext) -> dict:
         return dict(self.inputs)
 
     def write(self, ctx: StageContext) -> None:
@@ -88,7 +87,7 @@ class _ImportedTokenizerStage(_ImportedStage):
 class _ImportedPriorStage(_ImportedStage):
     """Their RQ-Transformer as a finished train_prior stage (after the tokenizer it was trained on)."""
 
-    INPUT_STAGES = ("train_tokenizer",)
+    INPUTS = {"train_tokenizer": ()}  # must be done (its files are not what this stage's inputs name)
     OUTPUTS = (PRIOR_WEIGHTS, PRIOR_CONFIG)
 
     def __init__(self, model, inputs: dict, record: dict):
@@ -117,8 +116,8 @@ def prepare_stage1(stage1: str | Path, *, config: str | Path | None = None, over
     state = load_stage1_state_dict(model_pt, ema=ema)
     model = convert_stage1(state, spec, cfg, where=str(model_pt))
     which = "state_dict_ema" if ema else "state_dict"
-    inputs = {f"{IMPORT_INPUT_PREFIX}{SOURCE}/stage1/{MODEL_FILE}[{which}]": sha256_file(model_pt),
-              f"{IMPORT_INPUT_PREFIX}{SOURCE}/stage1/{CONFIG_FILE}": sha256_file(config_yaml)}
+    inputs = {f"{IMPORTED_INPUT_PREFIX}{SOURCE}/stage1/{MODEL_FILE}[{which}]": sha256_file(model_pt),
+              f"{IMPORTED_INPUT_PREFIX}{SOURCE}/stage1/{CONFIG_FILE}": sha256_file(config_yaml)}
     record = {"source": SOURCE, "folder": str(model_pt.parent.resolve()), "state_dict": which,
               "tensors": len(state), "inputs": inputs, "their_arch": spec.arch}
     return PreparedImport(_ImportedTokenizerStage(model, inputs, record), cfg)
@@ -136,8 +135,8 @@ def prepare_stage2(stage2: str | Path, tokenizer, cfg: Config) -> PreparedImport
                           f"{codes}; pass the stage-1 folder it was trained on")
     theirs, which = load_stage2_state_dict(model_pt)
     model = build_from_their_state(theirs, prior_cfg, spec, tokenizer.quantizer.embed.detach())
-    inputs = {f"{IMPORT_INPUT_PREFIX}{SOURCE}/stage2/{MODEL_FILE}[{which}]": sha256_file(model_pt),
-              f"{IMPORT_INPUT_PREFIX}{SOURCE}/stage2/{CONFIG_FILE}": sha256_file(config_yaml)}
+    inputs = {f"{IMPORTED_INPUT_PREFIX}{SOURCE}/stage2/{MODEL_FILE}[{which}]": sha256_file(model_pt),
+              f"{IMPORTED_INPUT_PREFIX}{SOURCE}/stage2/{CONFIG_FILE}": sha256_file(config_yaml)}
     record = {"source": SOURCE, "folder": str(model_pt.parent.resolve()), "state_dict": which,
               "tensors": len(theirs), "inputs": inputs,
               "null_class": "added (mean of their class embeddings): guidance needs fine-tuning"}

@@ -15,33 +15,44 @@ from ..config.schema import ConfigError, did_you_mean, option
 
 @dataclass
 class PriorConfig:
-    preset: str = option("", "named preset applied before the keys written beside it (see PRIOR_PRESETS)")
+    preset: str = option("", "named preset applied before the keys written beside it (see PRIOR_PRESETS)",
+                         affects=("train_prior",))
     kind: str = option("rq", "rq = RQ-Transformer (spatial + depth); dq = DQ-Transformer (position + content)",
-                       choices=("rq", "dq"))
-    embed_dim: int = option(256, "model width E", ge=8)
-    n_head: int = option(8, "attention heads (embed_dim must divide by it)", ge=1)
-    spatial_layers: int = option(4, "rq: spatial transformer layers (over the H*W positions)", ge=1)
+                       choices=("rq", "dq"), affects=("train_prior",))
+    embed_dim: int = option(256, "model width E", ge=8, affects=("train_prior",))
+    n_head: int = option(8, "attention heads (embed_dim must divide by it)", ge=1, affects=("train_prior",))
+    spatial_layers: int = option(4, "rq: spatial transformer layers (over the H*W positions)", ge=1,
+                                 affects=("train_prior",))
     depth_layers: int = option(2, "rq: depth transformer layers (over the D codes of a position); 0 with "
-                                    "depth-1 codes = a plain raster transformer (the paper's speed baseline)", ge=0)
-    position_layers: int = option(2, "dq: position transformer layers (predict the next position)", ge=1)
-    content_layers: int = option(4, "dq: content transformer layers (predict the code at that position)", ge=1)
-    mlp_ratio: float = option(4.0, "MLP hidden width / embed_dim", gt=0.0)
-    bias: bool = option(True, "biases in the attention and MLP Linears (the authors': true)")
-    norm: str = option("layernorm", "block normalisation (layernorm: the authors')", choices=("layernorm", "rmsnorm"))
-    mlp: str = option("gelu", "block MLP (gelu 4x: the authors')", choices=("gelu", "swiglu"))
-    dropout: float = option(0.1, "residual dropout (after attention projection and MLP)", ge=0.0, le=1.0)
-    attn_dropout: float = option(0.0, "dropout on attention probabilities", ge=0.0, le=1.0)
-    embed_dropout: float = option(0.0, "dropout on the summed input embeddings", ge=0.0, le=1.0)
+                                    "depth-1 codes = a plain raster transformer (the paper's speed baseline)", ge=0,
+                               affects=("train_prior",))
+    position_layers: int = option(2, "dq: position transformer layers (predict the next position)", ge=1,
+                                  affects=("train_prior",))
+    content_layers: int = option(4, "dq: content transformer layers (predict the code at that position)", ge=1,
+                                 affects=("train_prior",))
+    mlp_ratio: float = option(4.0, "MLP hidden width / embed_dim", gt=0.0, affects=("train_prior",))
+    bias: bool = option(True, "biases in the attention and MLP Linears (the authors': true)", affects=("train_prior",))
+    norm: str = option("layernorm", "block normalisation (layernorm: the authors')", choices=("layernorm", "rmsnorm"),
+                       affects=("train_prior",))
+    mlp: str = option("gelu", "block MLP (gelu 4x: the authors')", choices=("gelu", "swiglu"), affects=("train_prior",))
+    dropout: float = option(0.1, "residual dropout (after attention projection and MLP)", ge=0.0, le=1.0,
+                            affects=("train_prior",))
+    attn_dropout: float = option(0.0, "dropout on attention probabilities", ge=0.0, le=1.0, affects=("train_prior",))
+    embed_dropout: float = option(0.0, "dropout on the summed input embeddings", ge=0.0, le=1.0,
+                                  affects=("train_prior",))
     input_embedding: str = option("codebook", "rq: codebook = the frozen tokenizer code vectors through learned "
                                               "Linears (the authors' released models); learned = a learned token "
-                                              "table shared by the depths", choices=("codebook", "learned"))
+                                              "table shared by the depths", choices=("codebook", "learned"),
+                                  affects=("train_prior",))
     num_classes: int = option(1000, "class-conditional on this many classes (+1 null class for guidance); "
-                                    "0 = unconditional (a learned start token)", ge=0)
+                                    "0 = unconditional (a learned start token)", ge=0, affects=("train_prior",))
     class_dropout: float = option(0.1, "label dropout for classifier-free guidance (replace the class by the "
-                                       "null class with this probability in training)", ge=0.0, le=1.0)
-    grad_checkpointing: bool = option(False, "recompute each block's activations in backward (saves memory)")
+                                       "null class with this probability in training)", ge=0.0, le=1.0,
+                                  affects=("train_prior",))
+    grad_checkpointing: bool = option(False, "recompute each block's activations in backward (saves memory)",
+                                      affects=("train_prior",))
     use_flash_attn: bool = option(True, "use the flash-attn package when installed and the inputs are CUDA "
-                                        "fp16/bf16 (otherwise PyTorch SDPA)")
+                                        "fp16/bf16 (otherwise PyTorch SDPA)", affects=("train_prior",))
 
     @classmethod
     def preset_values(cls, name: str, path: str) -> dict:

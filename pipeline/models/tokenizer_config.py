@@ -13,61 +13,80 @@ from ..config.schema import ConfigError, option
 
 @dataclass
 class TokenizerConfig:
-    preset: str = option("", "named preset applied before the keys written beside it (see TOKENIZER_PRESETS)")
+    preset: str = option("", "named preset applied before the keys written beside it (see TOKENIZER_PRESETS)",
+                         affects=("train_tokenizer",))
     kind: str = option("rq", "vq = rq with depth 1; dq = dynamic (coarse/fine) quantization",
-                       choices=("vq", "rq", "dq"))
+                       choices=("vq", "rq", "dq"), affects=("train_tokenizer",))
     # Encoder / decoder (VQGAN-style conv ResNet).
-    ch: int = option(128, "base channel count", ge=8)
-    ch_mult: list[int] = option([1, 1, 2, 2, 4, 4], "channel multiplier per level; len-1 downsamplings", ge=1)
-    num_res_blocks: int = option(2, "residual blocks per level", ge=1)
-    attn_resolutions: list[int] = option([8], "feature-map sides that get self-attention", ge=1)
-    z_channels: int = option(256, "latent (code vector) dimension", ge=1)
+    ch: int = option(128, "base channel count", ge=8, affects=("train_tokenizer",))
+    ch_mult: list[int] = option([1, 1, 2, 2, 4, 4], "channel multiplier per level; len-1 downsamplings", ge=1,
+                                affects=("train_tokenizer",))
+    num_res_blocks: int = option(2, "residual blocks per level", ge=1, affects=("train_tokenizer",))
+    attn_resolutions: list[int] = option([8], "feature-map sides that get self-attention", ge=1,
+                                         affects=("train_tokenizer",))
+    z_channels: int = option(256, "latent (code vector) dimension", ge=1, affects=("train_tokenizer",))
     patch_size: int = option(1, "pixel-unshuffle stem: p x p pixel patches folded into channels before the first "
                                 "conv (and unfolded after the last), so all levels run at R/p; 1 = plain VQGAN",
-                         ge=1, le=16)
+                         ge=1, le=16, affects=("train_tokenizer",))
     norm_groups: int = option(0, "GroupNorm groups in the encoder/decoder: 0 = 32, halved until each group has >= 4 "
                                  "channels (same as 32 from 128 channels on); N = exactly N groups (the authors' "
-                                 "RQ-VAE code: 32 at every width; set by `tessera import rq-official`)", ge=0, le=1024)
-    dropout: float = option(0.0, "dropout in residual blocks", ge=0.0, le=1.0)
-    grad_checkpointing: bool = option(False, "recompute encoder/decoder activations in backward to save memory")
+                                 "RQ-VAE code: 32 at every width; set by `tessera import rq-official`)", ge=0, le=1024,
+                              affects=("train_tokenizer",))
+    dropout: float = option(0.0, "dropout in residual blocks", ge=0.0, le=1.0, affects=("train_tokenizer",))
+    grad_checkpointing: bool = option(False, "recompute encoder/decoder activations in backward to save memory",
+                                      affects=("train_tokenizer",))
     # Quantizer.
-    codebook_size: int = option(16384, "codes per codebook (K)", ge=2, le=65536)
-    depth: int = option(4, "residual depth D (vq: must be 1)", ge=1, le=64)
-    shared_codebook: bool = option(True, "one codebook for all depths (RQ-VAE default) or one per depth")
-    ema_decay: float = option(0.99, "EMA decay of codebook statistics", ge=0.0, le=0.99999)
-    ema_eps: float = option(1e-5, "Laplace smoothing of EMA cluster sizes", gt=0.0)
-    beta: float = option(0.25, "commitment loss weight", ge=0.0)
-    dead_code_threshold: float = option(1.0, "EMA cluster size below which a code is restarted (0 disables)", ge=0.0)
-    kmeans_init: bool = option(False, "initialise the codebook by k-means on the first batch")
-    soft_tau: float = option(0.5, "temperature of soft codes Q_tau for the prior's soft labels", gt=0.0)
+    codebook_size: int = option(16384, "codes per codebook (K)", ge=2, le=65536, affects=("train_tokenizer",))
+    depth: int = option(4, "residual depth D (vq: must be 1)", ge=1, le=64, affects=("train_tokenizer",))
+    shared_codebook: bool = option(True, "one codebook for all depths (RQ-VAE default) or one per depth",
+                                   affects=("train_tokenizer",))
+    ema_decay: float = option(0.99, "EMA decay of codebook statistics", ge=0.0, le=0.99999,
+                              affects=("train_tokenizer",))
+    ema_eps: float = option(1e-5, "Laplace smoothing of EMA cluster sizes", gt=0.0, affects=("train_tokenizer",))
+    beta: float = option(0.25, "commitment loss weight", ge=0.0, affects=("train_tokenizer",))
+    dead_code_threshold: float = option(1.0, "EMA cluster size below which a code is restarted (0 disables)", ge=0.0,
+                                        affects=("train_tokenizer",))
+    kmeans_init: bool = option(False, "initialise the codebook by k-means on the first batch",
+                               affects=("train_tokenizer",))
+    soft_tau: float = option(0.5, "temperature of soft codes Q_tau for the prior's soft labels", gt=0.0,
+                             affects=("train_prior",))
     # DQ (dynamic quantization).
-    granularities: int = option(2, "dq: number of region sizes (2 = coarse+fine, 3 adds a coarser grid)", ge=2, le=3)
-    router: str = option("learned", "dq: how regions choose a granularity", choices=("learned", "entropy"))
-    target_ratio: float = option(0.5, "dq: target fraction of fine regions", ge=0.0, le=1.0)
+    granularities: int = option(2, "dq: number of region sizes: 2 = coarse + fine (the triple-granularity variant "
+                                "is not implemented)", choices=(2,), affects=("train_tokenizer",))
+    router: str = option("learned", "dq: how regions choose a granularity", choices=("learned", "entropy"),
+                         affects=("train_tokenizer",))
+    target_ratio: float = option(0.5, "dq: target fraction of fine regions", ge=0.0, le=1.0,
+                                 affects=("train_tokenizer",))
     budget_weight: float = option(
         10.0,
         "dq: budget loss weight gamma in gamma*(r - t)^2 (the paper's formula; the authors' "
         "released configs add the term twice: use 2*gamma to match them)",
         ge=0.0,
+        affects=("train_tokenizer",),
     )
-    gumbel_tau: float = option(1.0, "dq: Gumbel-softmax temperature of the learned router", gt=0.0)
-    coarse_vq_weight: float = option(0.25, "dq: VQ-loss weight on copied coarse cells", ge=0.0)
+    gumbel_tau: float = option(1.0, "dq: Gumbel-softmax temperature of the learned router", gt=0.0,
+                               affects=("train_tokenizer",))
+    coarse_vq_weight: float = option(0.25, "dq: VQ-loss weight on copied coarse cells", ge=0.0,
+                                     affects=("train_tokenizer",))
     entropy_bins: int = option(32, "dq entropy router: histogram bins over [-1, 1] (threshold: call "
-                                   "pipeline.models.dq.calibrate_entropy_threshold before training)", ge=2)
+                                   "pipeline.models.dq.calibrate_entropy_threshold before training)", ge=2,
+                               affects=("train_tokenizer",))
     entropy_sigma: float = option(
         0.01,
         "dq entropy router: width of the Gaussian histogram kernel (dq_gaussian_entropy)",
         gt=0.0,
+        affects=("train_tokenizer",),
     )
     # Fidelity to the authors' training code (docs/fidelity.md).
     # Each per-item key left null follows reference_behaviour.
     reference_behaviour: bool = option(True, "train as the authors' RQ-VAE / DQ-VAE code does; each per-item key below "
-                                             "overrides it when set (null: follow this)")
+                                             "overrides it when set (null: follow this)", affects=("train_tokenizer",))
     ema_per_depth: bool | None = option(
         None,
         "rq shared codebook: EMA step (and restarts) after each depth, so depth d+1 "
         "searches the codebook depth d just updated (authors); false: one step "
         "after the whole search",
+        affects=("train_tokenizer",),
     )
     authors_restart: bool | None = option(
         None,
@@ -75,36 +94,43 @@ class TokenizerConfig:
         "gets a row of a permutation of that depth's inputs (noise-tiled when too "
         "few), code = vector / smoothed size; false: sizes start at 1, at most one "
         "code per input vector, code = vector",
+        affects=("train_tokenizer",),
     )
     dq_gate_on_chosen: bool | None = option(
         None,
         "dq learned router: chosen features times their hard gate (authors: gate "
         "gradient <g, h_chosen>); false: gate*fine + (1-gate)*coarse "
         "(gradient <g, h_fine - h_coarse>)",
+        affects=("train_tokenizer",),
     )
     dq_unweighted_vq: bool | None = option(
         None,
         "dq: VQ loss (1+beta)*mean(w*(z-q)^2) over all cells, gradient beta*..., "
         "EMA unweighted (authors); false: beta*sum(w*mse)/sum(w), EMA weighted by w",
+        affects=("train_tokenizer",),
     )
     dq_gaussian_entropy: bool | None = option(None, "dq entropy router: Gaussian-kernel histogram (entropy_sigma) on "
-                                                    "unclamped gray (authors); false: triangular bins on clamped gray")
+                                                    "unclamped gray (authors); false: triangular bins on clamped gray",
+                                              affects=("train_tokenizer",))
     dq_authors_layers: bool | None = option(
         None,
         "dq: router GroupNorm with 32 groups and the decoder's Fourier + row/column "
         "learned position embedding (authors); false: >= 4 channels per group "
         "and one learned position map (not checkpoint-compatible with true)",
+        affects=("train_tokenizer",),
     )
     # Losses and discriminator.
-    recon_loss: str = option("l2", "pixel reconstruction loss", choices=("l1", "l2"))
-    lpips_weight: float = option(1.0, "LPIPS perceptual loss weight (0 disables)", ge=0.0)
-    lpips_weights: str = option("", "path to LPIPS VGG16 weights (a state_dict file); required when lpips_weight > 0")
-    gan_weight: float = option(0.75, "GAN loss weight (times the adaptive lambda)", ge=0.0)
-    adaptive_weight_max: float = option(1e4, "clamp of the adaptive GAN weight", gt=0.0)
-    disc_start_step: int = option(0, "step at which the discriminator loss starts", ge=0)
-    disc_layers: int = option(2, "PatchGAN layers", ge=1, le=6)
-    disc_ndf: int = option(64, "PatchGAN base channels", ge=8)
-    disc_lr: float = option(0.0, "discriminator lr (0: same as the generator's)", ge=0.0)
+    recon_loss: str = option("l2", "pixel reconstruction loss", choices=("l1", "l2"), affects=("train_tokenizer",))
+    lpips_weight: float = option(1.0, "LPIPS perceptual loss weight (0 disables)", ge=0.0, affects=("train_tokenizer",))
+    lpips_weights: str = option("", "path to LPIPS VGG16 weights (a state_dict file); required when lpips_weight > 0",
+                                affects=("train_tokenizer",))
+    gan_weight: float = option(0.75, "GAN loss weight (times the adaptive lambda)", ge=0.0,
+                               affects=("train_tokenizer",))
+    adaptive_weight_max: float = option(1e4, "clamp of the adaptive GAN weight", gt=0.0, affects=("train_tokenizer",))
+    disc_start_step: int = option(0, "step at which the discriminator loss starts", ge=0, affects=("train_tokenizer",))
+    disc_layers: int = option(2, "PatchGAN layers", ge=1, le=6, affects=("train_tokenizer",))
+    disc_ndf: int = option(64, "PatchGAN base channels", ge=8, affects=("train_tokenizer",))
+    disc_lr: float = option(0.0, "discriminator lr (0: same as the generator's)", ge=0.0, affects=("train_tokenizer",))
 
     @classmethod
     def preset_values(cls, name: str, path: str) -> dict:
@@ -120,9 +146,6 @@ class TokenizerConfig:
             raise ConfigError(f"{path}.depth: kind 'vq' is RQ with depth 1, got depth {self.depth}.")
         if self.kind == "dq" and len(self.ch_mult) < 2:
             raise ConfigError(f"{path}.ch_mult: dq needs at least 2 levels (fine and coarse grids).")
-        if self.kind == "dq" and self.granularities == 3:
-            raise ConfigError(f"{path}.granularities: the triple-granularity DQ variant (3) is not implemented; "
-                              f"use 2 (coarse + fine).")
         if self.norm_groups and any(self.ch * m % self.norm_groups for m in self.ch_mult):
             raise ConfigError(f"{path}.norm_groups: {self.norm_groups} groups must divide every level's channels "
                               f"ch * ch_mult = {[self.ch * m for m in self.ch_mult]}.")

@@ -84,7 +84,7 @@ class RQTokenizer(Tokenizer):
 
     def __init__(self, cfg, resolution: int):
         super().__init__()
-        self.resolution, self.soft_tau = resolution, cfg.soft_tau
+        self.resolution = resolution
         self.encoder = Encoder(resolution=resolution, z_channels=cfg.z_channels, **_arch_kwargs(cfg))
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
         self.quantizer = ResidualQuantizer(cfg.z_channels, cfg.codebook_size, cfg.depth,
@@ -117,10 +117,10 @@ class RQTokenizer(Tokenizer):
         return torch.full((B,), H * W * D, dtype=torch.long, device=codes_BHWD.device)
 
     @torch.no_grad()
-    def soft_codes(self, images_BCHW: torch.Tensor, tau: float | None = None, *, sample: bool = False,
+    def soft_codes(self, images_BCHW: torch.Tensor, tau: float, *, sample: bool = False,
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(probs_BHWDK, codes_BHWD): Q_tau soft labels / stochastic codes for training the prior."""
-        return self.quantizer.soft_codes(self.encode_latent(images_BCHW), self.soft_tau if tau is None else tau,
+        return self.quantizer.soft_codes(self.encode_latent(images_BCHW), tau,
                                          sample=sample, generator=generator)
 
     def forward(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, TokenizerAux]:

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from ..config.schema import build_section
-from ..runtime.io import atomic_path, atomic_write_json, read_json
 from ..models.registry import build_tokenizer
 from ..models.tokenizer_config import TokenizerConfig
+from ..runtime.io import atomic_path, atomic_write_json, read_json
 
 TOKENIZER_WEIGHTS = "tokenizer.safetensors"
 TOKENIZER_CONFIG = "tokenizer.json"
@@ -24,13 +24,18 @@ _REMOVED_TOKENIZER_KEYS = ("preset", "disc_sync_bn")
 # Options added since: an export without them was made by the code before them, so they take the
 # value that reproduces that code (reference_behaviour decides the DQ layer layout, among others).
 _ADDED_TOKENIZER_DEFAULTS = {"reference_behaviour": False}
+# Keys of the tokenizer section that only the prior's training reads (soft_tau: its soft targets):
+# not part of the exported tokenizer, so changing them never touches train_tokenizer's outputs.
+PRIOR_ONLY_TOKENIZER_KEYS = ("soft_tau",)
 
 
 def save_tokenizer(model: torch.nn.Module, cfg: TokenizerConfig, resolution: int, folder: str | Path) -> None:
     folder = Path(folder)
     with atomic_path(folder / TOKENIZER_WEIGHTS) as tmp:
         save_model(model, str(tmp))  # handles tied tensors, unlike save_file
-    atomic_write_json(folder / TOKENIZER_CONFIG, {"tokenizer": dataclasses.asdict(cfg), "resolution": resolution})
+    exported = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                if f.name not in PRIOR_ONLY_TOKENIZER_KEYS}
+    atomic_write_json(folder / TOKENIZER_CONFIG, {"tokenizer": exported, "resolution": resolution})
 
 
 def load_tokenizer(folder: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:

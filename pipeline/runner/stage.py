@@ -1,13 +1,22 @@
 """Running one stage: the shared shape every stage has.
 
-A stage module in `stages/` declares `NAME`, `SECTIONS` (config sections it depends on; optional
-`IGNORED_KEYS`: dotted keys in them that do not affect its outputs),
-`input_fingerprints(ctx)` (hashes of what it reads from earlier stages) and `run(ctx)`; optional
-`INPUT_STAGES` (earlier stages whose outputs it reads: verified before it starts),
-`check_config(cfg)` (raises ConfigError; run for every stage of `tessera run` before the first
-starts), `check_inputs(ctx)` (raises StageError for a bad user-supplied file; run before the
-attempt is recorded, so it does not block the corrected rerun) and `verify_outputs(stage_dir)`
-(raises StageError; run when a finished stage is skipped and by `tessera verify`, after the files done.json hashed were checked). The runner does everything around them, identically for every stage:
+A stage module in `stages/` is wiring that declares its contract; the runner enforces it:
+
+    NAME = "precompute_codes"
+    INPUTS = {"shard": ("manifest.json",), "train_tokenizer": ("tokenizer.safetensors",)}
+    def run(ctx) -> StageResult | None
+
+INPUTS names the earlier stages it reads and, for each, the output files it reads: the stage runs
+only when they are done, and the hashes their done.json recorded for those files are its input
+fingerprints. The config it reads is declared on the config keys themselves (option(affects=...)
+in pipeline/config): the runner hashes exactly the keys that name the stage. Optional:
+`external_inputs(ctx)` (fingerprints of what it reads from outside the run: source images, a
+reference file), `check_inputs(ctx)` (raises StageError for a bad user-supplied file; run before
+the attempt is recorded, so it does not block the corrected rerun), `check_config(cfg)` (raises ConfigError; run for every stage of `tessera run`
+before the first starts) and `verify_outputs(stage_dir)` (raises StageError; run when a finished
+stage is skipped and by `tessera verify`, after the files done.json hashed were checked).
+
+The runner does everything around them, identically for every stage:
 
 1. logging to RUN_DIR/<stage>/log.txt and the process group (torchrun / srun ranks);
 2. the stage lock (pipeline/runner/lock.py): one job per stage (per array task) at a time;
@@ -21,7 +30,6 @@ attempt is recorded, so it does not block the corrected rerun) and `verify_outpu
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import logging
 import platform
@@ -34,17 +42,19 @@ from pathlib import Path
 
 import torch
 
-from ..config.root import Config, changed_keys, default_config_dict
-from ..runtime.errors import StageError, describe_os_error
+from ..config.root import Config, changed_keys, default_config_dict, merge_trees
+from ..data.urls import FetchOptions, set_fetch_options
 from ..runtime.dist import DistEnv, barrier, broadcast_object, device_for, init_distributed
-from ..runtime.io import atomic_write_text, sha256_file
+from ..runtime.errors import StageError, describe_os_error
+from ..runtime.io import atomic_write_text, sha256_file, sha256_json
+from ..runtime.logs import setup_logging
 from .lock import StageLock, is_lock_file
 from .repair import describe_discard, rebuild_plan, remedy
-from ..runtime.logs import setup_logging
 from .rundir import STAGE_NAMES, RunDir
-from ..data.urls import FetchOptions, set_fetch_options
 from ..train.signals import Interrupted, Preempted, PreemptionGuard
 
+# Inputs of a stage made by `tessera import` start with this (the hashes of the imported files).
+IMPORTED_INPUT_PREFIX = "import:"
 VERSIONED_PACKAGES = ("tessera", "torch", "deepspeed", "webdataset", "mosaicml-streaming", "torch-fidelity")
 
 
@@ -75,6 +85,14 @@ class StageContext:
     def num_workers(self) -> int:
         return self.num_tasks * self.env.world_size
 
+    def input_path(self, stage: str, file: str) -> Path:
+        """A file of an earlier stage's outputs (declared in the stage's INPUTS)."""
+        return self.run_dir / stage / file
+
+    def input_record(self, stage: str) -> dict:
+        """An earlier stage's done.json ({} when it has none)."""
+        return RunDir(self.run_dir).read_done(stage) or {}
+
 
 @dataclass
 class StageOutcome:
@@ -87,10 +105,6 @@ def load_stage_module(name: str):
     if name not in STAGE_NAMES:
         raise StageError(f"unknown stage {name!r}; stages are: {', '.join(STAGE_NAMES)}")
     return importlib.import_module(f"stages.{name}")
-
-
-def available_stages() -> list[str]:
-    return [n for n in STAGE_NAMES if importlib.util.find_spec(f"stages.{n}") is not None]
 
 
 def package_versions() -> dict:
@@ -112,18 +126,63 @@ def git_commit() -> str:
         return ""
 
 
-def _fingerprint(module, ctx: StageContext) -> dict:
-    ignore = getattr(module, "IGNORED_KEYS", ())
-    return {"config_hash": ctx.cfg.section_hash(module.SECTIONS, ignore=ignore), "sections": list(module.SECTIONS),
-            "config": ctx.cfg.stage_view(module.SECTIONS, ignore=ignore), "inputs": module.input_fingerprints(ctx)}
+def stage_inputs(module) -> dict[str, tuple[str, ...]]:
+    """The earlier stages `module` reads -> the files of their outputs it reads."""
+    return dict(getattr(module, "INPUTS", {}))
 
 
-def _changed_parts(old: dict, new: dict) -> list[str]:
+def input_fingerprints(module, ctx: StageContext, run: RunDir) -> dict[str, str]:
+    """'<stage>/<file>' -> the hash its done.json recorded, for every declared input, plus the
+    stage's external inputs. StageError when an input stage is not done."""
+    name = module.NAME
+    recorded = (run.read_done(name) or {}).get("inputs") or {}
+    imported = recorded and all(key.startswith(IMPORTED_INPUT_PREFIX) for key in recorded)
+    if imported and not getattr(module, "IMPORTS", False):
+        # Made by `tessera import` (pipeline/importers): no earlier stage was read; the hashes of the
+        # imported files stand for the inputs, so a later run skips the stage instead of training
+        # (an importer, IMPORTS = True, states the inputs of what it imports now).
+        return recorded
+    inputs = stage_inputs(module)
+    missing = [stage for stage in inputs if run.read_done(stage) is None]
+    if missing:
+        raise StageError(f"stage {name} needs the {missing[0]} stage first (no {run.done_path(missing[0])}): run "
+                         f"`tessera run CONFIG --run-dir {run.root} --stages {','.join(missing)}`")
+    fingerprints = {}
+    for stage, files in inputs.items():
+        outputs = run.read_done(stage).get("outputs", {})
+        for file in files:
+            # The hash the earlier stage recorded (hashing a large model again is slow); records
+            # that did not hash this file: the file itself.
+            fingerprints[f"{stage}/{file}"] = outputs.get(file) or sha256_file(run.stage_dir(stage) / file)
+    external = getattr(module, "external_inputs", None)
+    if external is not None:
+        fingerprints.update(external(ctx))
+    return fingerprints
+
+
+def _fingerprint(module, ctx: StageContext, run: RunDir) -> dict:
+    view = ctx.cfg.stage_view(module.NAME)
+    return {"config_hash": sha256_json(view), "sections": [key for key in view if isinstance(view[key], dict)],
+            "config": view, "inputs": input_fingerprints(module, ctx, run)}
+
+
+def recorded_config(run: RunDir) -> dict:
+    """Every key at the value this run's stages recorded (done.json, else attempt.json; earlier
+    stages first), over the defaults: what a stage whose record predates one of its keys used."""
+    values = default_config_dict()
+    for stage in STAGE_NAMES:
+        record = run.read_done(stage) or run.read_attempt(stage) or {}
+        values = merge_trees(values, record.get("config", {}))
+    return values
+
+
+def _changed_parts(old: dict, new: dict, run: RunDir) -> list[str]:
     parts = []
     if old.get("config_hash") != new["config_hash"]:
         if "config" in old:
-            # Keys added to the config since the stage was recorded, left at their defaults, are not changes.
-            changes = changed_keys(old["config"], new["config"], defaults=default_config_dict())
+            # A key the record lacks (added to the config, or to this stage's hash, since) is not a
+            # change when it holds the value the run recorded for it elsewhere, or its default.
+            changes = changed_keys(old["config"], new["config"], defaults=recorded_config(run))
             if changes:
                 parts.append("config (" + "; ".join(changes) + ")")
         else:  # recorded by an older tessera, which kept only the hash
@@ -182,7 +241,7 @@ def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = Fals
               task_id: int = 0, module=None, from_scratch: bool = False) -> StageOutcome:
     """Run one stage on every rank: lock, decide (run / skip / rebuild / refuse / clear), run, record.
 
-    `module` stands in for the stage's own module (same NAME and SECTIONS): `tessera import`
+    `module` stands in for the stage's own module (same NAME): `tessera import`
     produces a stage's outputs from foreign checkpoints through the same lock and records.
     `force` clears the stage when its config or inputs changed, and otherwise rebuilds it in place
     from what still matches (pipeline/runner/repair.py); `from_scratch` clears it always."""
@@ -192,7 +251,7 @@ def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = Fals
         raise StageError(f"--task-id {task_id} must be in [0, {num_tasks}) for --num-tasks {num_tasks}")
     run = RunDir(run_dir)
     stage_dir = run.stage_dir(name)
-    inputs = getattr(module, "INPUT_STAGES", ())
+    inputs = list(stage_inputs(module))
     if inputs and not run.root.is_dir():
         # Refused before anything is created: a typo in --run-dir must not leave a new run behind.
         raise StageError(f"run directory {run.root} does not exist, and stage {name} reads the outputs of "
@@ -245,7 +304,7 @@ def _on_main_then_broadcast(env: DistEnv, action) -> None:
 
 def _run_locked(module, ctx: StageContext, run: RunDir, force: bool, from_scratch: bool) -> StageOutcome:
     name, env, logger, stage_dir = module.NAME, ctx.env, ctx.logger, ctx.stage_dir
-    fingerprint = _fingerprint(module, ctx)
+    fingerprint = _fingerprint(module, ctx, run)
     decision = broadcast_object(_decide(run, name, fingerprint, force, from_scratch) if env.is_main else None)
     if decision["action"] == "refuse":
         raise StageError(decision["message"])
@@ -263,7 +322,7 @@ def _run_locked(module, ctx: StageContext, run: RunDir, force: bool, from_scratc
         logger.info("stage %s: clearing %s", name, describe_discard(stage_dir))
         _clear_stage_dir(stage_dir)
     # Every input, every split, before the first step: a bad val shard must not surface after training.
-    for earlier in getattr(module, "INPUT_STAGES", ()):
+    for earlier in stage_inputs(module):
         _on_main_then_broadcast(env, lambda: verify_stage(earlier, run))
     # User-supplied files (e.g. score.reference) before the attempt is recorded: a bad one must not
     # pin the attempt's config, which would refuse the corrected rerun.
@@ -328,7 +387,7 @@ def _decide(run: RunDir, name: str, fingerprint: dict, force: bool, from_scratch
     previous = done if done is not None else run.read_attempt(name)
     if previous is None:
         return {"action": "run"}
-    changed = _changed_parts(previous, fingerprint)
+    changed = _changed_parts(previous, fingerprint, run)
     if force:
         # Same config and inputs: the checkpoints and verified units still match; keep them.
         return {"action": "clear" if changed or from_scratch else "rebuild"}

@@ -8,6 +8,8 @@ was launched. Worker w of W (W = array tasks x ranks) takes units w, w+W, w+2W, 
     stats = work.run(write_one, logger, desc="shard")   # this worker's units; verified ones are kept
     done = work.finish(stats, finalize, is_main=...)    # None while another worker's unit is missing
 
+A stage's run() hands those three steps to `run_units`, which owns the loop for every stage.
+
 Publishing one unit (`publish_unit`) takes three steps: remove its sidecar, write the unit under a
 temp name and rename it into place, then write the sidecar `<name>.json` (count, sha256, bytes,
 plan id, stage-specific fields). A sidecar therefore exists only next to a complete unit: a killed
@@ -181,6 +183,24 @@ class UnitWork:
         if outcome.get("pending"):
             return None
         return outcome["result"], all_stats
+
+
+def run_units(ctx, plan: list[Unit], plan_id: str, *, desc: str, write_one: Callable[[Unit, object], dict],
+              finalize: Callable[[list[dict]], dict], summarize: Callable[[dict, list[dict]], object]):
+    """A unit stage's whole run(ctx): this worker's units of `plan` through `write_one`, then on
+    the task that completes the plan `finalize(sidecars)` (rank 0: manifest etc.) and
+    `summarize(finalized, all_stats)` (every rank: the StageResult). None while other tasks'
+    units are missing: the stage is not finished by this task."""
+    work = UnitWork(ctx.stage_dir, plan, plan_id, worker=ctx.worker, num_workers=ctx.num_workers)
+    ctx.logger.info("%s: worker %d of %d takes %d of %d unit(s)", desc, ctx.worker, ctx.num_workers, len(work.mine),
+                    len(plan))
+    stats = work.run(write_one, ctx.logger, desc=desc, progress_position=ctx.env.local_rank)
+    finished = work.finish(stats, finalize, is_main=ctx.env.is_main)
+    if finished is None:
+        ctx.logger.info("%s: other tasks' units are still missing; the task that completes the plan finishes the "
+                        "stage", desc)
+        return None
+    return summarize(*finished)
 
 
 def items_and_rate(all_stats: list[dict]) -> tuple[int, float]:

@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from testkit import REPO, TINY_TOKENIZER, free_port, tessera
-from pipeline.runner.artifacts import load_tokenizer
+
 from pipeline.config.root import load_config
-from pipeline.models.dq_order import dq_codes_from_tokens
 from pipeline.data.reader import ShardedImageDataset
-from pipeline.runtime.io import sha256_file
+from pipeline.encode.codes_job import CodesJob
+from pipeline.models.dq_order import dq_codes_from_tokens
+from pipeline.runner.artifacts import load_tokenizer
 from pipeline.runner.stage import StageError, run_stage
 from pipeline.runner.units import UnitWork, unit_digest
-from stages.precompute_codes import CodesJob
+from pipeline.runtime.io import sha256_file
 
 TINY = [*TINY_TOKENIZER, "tokenizer_train.steps=2", "precompute.batch_size=8", "precompute.verify_images=8"]
 CONFIGS = {"rq": "configs/demo-rq.yaml", "dq": "configs/demo-dq.yaml"}
@@ -226,7 +226,8 @@ def test_dq_tokens_round_trip_and_decode_alike(runs):
 
 def test_verification_fails_when_codes_do_not_match_the_tokenizer(runs):
     ref = runs["rq"]["ref"]
-    job = CodesJob.create(ref, cfg_for("rq"), ref / "precompute_codes", torch.device("cpu"))
+    job = CodesJob.create(ref / "shard" / "manifest.json", ref / "train_tokenizer", cfg_for("rq"),
+                          ref / "precompute_codes", torch.device("cpu"))
     sidecars = UnitWork(ref / "precompute_codes", job.plan, job.plan_id).collect_sidecars()
     assert job.verify(sidecars, 8, 0)["verify_token_mismatch"] == 0.0
     with torch.no_grad():

@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline.config.root import Config, load_config, parse_override
-from pipeline.config.schema import ConfigError
+from pipeline.config.schema import ConfigError, describe
 
 DEMO = "configs/demo-rq.yaml"
 
@@ -86,12 +86,65 @@ def test_bad_files(tmp_path):
         parse_override("data.resolution")
 
 
-def test_section_hash_tracks_only_named_sections(repo_root):
+def test_stage_hash_tracks_only_the_keys_that_affect_the_stage(repo_root):
     a = load_config(repo_root / DEMO)
     b = load_config(repo_root / DEMO, ["tokenizer_train.lr=1e-4"])
     c = load_config(repo_root / DEMO, ["data.num_train=10"])
-    assert a.section_hash(["data"]) == b.section_hash(["data"]) != c.section_hash(["data"])
-    assert a.section_hash(["tokenizer_train"]) != b.section_hash(["tokenizer_train"])
+    assert a.stage_hash("shard") == b.stage_hash("shard") != c.stage_hash("shard")
+    assert a.stage_hash("train_tokenizer") != b.stage_hash("train_tokenizer")
+    # The shard stage's manifest stands for data.num_train in later stages: they do not hash it.
+    assert a.stage_hash("train_tokenizer") == c.stage_hash("train_tokenizer")
+
+
+def test_every_key_declares_what_it_affects_with_known_stage_names():
+    from pipeline.config.schema import key_effects
+    from pipeline.runner.rundir import STAGE_NAMES
+
+    effects = key_effects(Config)  # raises TypeError naming a key that declares nothing
+    assert set(effects) == {line.split(" ", 1)[0] for line in describe(Config)}
+    assert all(set(stages) <= set(STAGE_NAMES) for stages in effects.values()), effects
+    assert effects["data.num_workers"] == () and effects["launcher.sample.nodes"] == ()
+    assert effects["tokenizer_train.lr"] == ("train_tokenizer",) and effects["prior_train.lr"] == ("train_prior",)
+
+
+def test_a_key_without_affects_is_refused_by_name():
+    import dataclasses
+
+    from pipeline.config.schema import key_effects, option
+
+    @dataclasses.dataclass
+    class Section:
+        size: int = option(1, "declared", affects="shard")
+        colour: str = option("red", "forgot to say what it affects")
+
+    with pytest.raises(TypeError, match="colour does not declare what it affects"):
+        key_effects(Section)
+
+
+def test_precompute_codes_does_not_hash_the_tokenizer_training_section(repo_root):
+    a = load_config(repo_root / DEMO)
+    b = load_config(repo_root / DEMO, ["tokenizer_train.log_every=7", "tokenizer_train.lr=1e-2"])
+    assert "tokenizer_train" not in a.stage_view("precompute_codes")
+    assert a.stage_hash("precompute_codes") == b.stage_hash("precompute_codes")
+
+
+def test_soft_tau_is_hashed_by_train_prior_not_train_tokenizer(repo_root):
+    a = load_config(repo_root / DEMO)
+    b = load_config(repo_root / DEMO, ["tokenizer.soft_tau=0.1"])
+    assert a.stage_hash("train_prior") != b.stage_hash("train_prior")
+    assert a.stage_hash("train_tokenizer") == b.stage_hash("train_tokenizer")
+
+
+def test_prior_train_has_no_eval_classifier_key(repo_root):
+    # It was documented and hashed but nothing read it; the tokenizer's eval keeps its own.
+    assert load_config(repo_root / DEMO, ["tokenizer_train.eval_classifier=false"])
+    assert "prior_train.eval_classifier: unknown key" in error_of(["prior_train.eval_classifier=true"])
+
+
+def test_granularities_advertises_only_what_it_accepts(repo_root):
+    line = next(line for line in describe(Config) if line.startswith("tokenizer.granularities "))
+    assert "choices=[2]" in line
+    assert "granularities: 3 is not allowed; choose one of 2" in error_of(["tokenizer.granularities=3"])
 
 
 def test_yaml_round_trip(tmp_path, repo_root):
@@ -102,11 +155,16 @@ def test_yaml_round_trip(tmp_path, repo_root):
     assert again.to_dict() == {**cfg.to_dict()} and isinstance(again, Config)
 
 
-def test_runtime_and_ignored_keys_do_not_change_the_hash(repo_root):
+def test_runtime_keys_do_not_change_any_hash(repo_root):
+    from pipeline.runner.rundir import STAGE_NAMES
+
     a = load_config(repo_root / DEMO)
-    b = load_config(repo_root / DEMO, ["data.num_workers=4", "data.hflip=true"])
-    assert a.section_hash(["data"]) != b.section_hash(["data"])  # hflip matters by default
-    assert a.section_hash(["data"], ignore=["data.hflip"]) == b.section_hash(["data"], ignore=["data.hflip"])
+    b = load_config(repo_root / DEMO, ["data.num_workers=4", "tokenizer_train.log_every=3", "sample.grid_classes=2",
+                                       "precompute.verify_images=5", "launcher.sample.nodes=3"])
+    c = load_config(repo_root / DEMO, ["data.hflip=true"])  # read by the tokenizer's reader
+    assert all(a.stage_hash(stage) == b.stage_hash(stage) for stage in STAGE_NAMES)
+    assert a.stage_hash("train_tokenizer") != c.stage_hash("train_tokenizer")
+    assert a.stage_hash("shard") == c.stage_hash("shard")
 
 
 def test_configuration_reference_is_generated_from_the_typed_config(repo_root, tmp_path):
@@ -140,3 +198,6 @@ def test_a_key_added_since_a_stage_was_recorded_is_no_change_at_its_default():
     assert changed_keys(old, {**new, "data": {**new["data"], "hflip": True}}, defaults=default_config_dict()) == [
         "data.hflip: '<absent>' -> True"]
     assert changed_keys(old, new) == ["data.hflip: '<absent>' -> False"]
+    # A key the stage no longer hashes is no change either.
+    recorded = {"seed": 0, "data": {"resolution": 32, "num_train": 5}}
+    assert changed_keys(recorded, {"seed": 0, "data": {"resolution": 32}}) == []

@@ -5,23 +5,23 @@ import pytest
 
 import pipeline.runner.stage as stage_mod
 from pipeline.cli.main import main as cli_main
-from pipeline.config.root import load_config
-from pipeline.runtime.io import sha256_file
-from pipeline.runner.stage import StageError, StageResult, run_stage
 from pipeline.cli.status import format_status
+from pipeline.config.root import load_config
+from pipeline.runner.stage import StageError, StageResult, run_stage
+from pipeline.runtime.io import sha256_file
 
 
 class CountingStage:
     """Writes one output file per call; counts calls so skips are observable."""
 
     NAME = "shard"
-    SECTIONS = ("data",)
+    INPUTS: dict = {}
 
     def __init__(self):
         self.calls = 0
         self.inputs = {}
 
-    def input_fingerprints(self, ctx):
+    def external_inputs(self, ctx):
         return dict(self.inputs)
 
     def run(self, ctx):
@@ -48,7 +48,7 @@ def test_done_json_then_skip(tmp_path, fake_stage, cfg):
     assert out.status == "done" and fake_stage.calls == 1
     done = json.loads((tmp_path / "shard/done.json").read_text())
     assert done["counts"] == {"images": cfg.data.num_train} and done["metrics"]["psnr"] == 30.5
-    assert done["config_hash"] == cfg.section_hash(["data"]) and "torch" in done["versions"]
+    assert done["config_hash"] == cfg.stage_hash("shard") and "torch" in done["versions"]
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "shard/log.txt").is_file()
     again = run_stage("shard", cfg, tmp_path)
     assert again.status == "skipped" and fake_stage.calls == 1
@@ -149,13 +149,69 @@ def test_unknown_stage_is_refused_naming_the_stages():
 
 
 def test_every_stage_is_implemented_and_runnable():
-    assert stage_mod.available_stages() == list(stage_mod.STAGE_NAMES)
     for name in stage_mod.STAGE_NAMES:
         module = stage_mod.load_stage_module(name)
         assert module.NAME == name and callable(module.run)
+        assert set(stage_mod.stage_inputs(module)) <= set(stage_mod.STAGE_NAMES[:stage_mod.STAGE_NAMES.index(name)])
 
 
 def test_package_versions_name_the_installed_torch():
     import torch
 
     assert stage_mod.package_versions()["torch"].split("+")[0] == torch.__version__.split("+")[0]
+
+
+class ReadingStage(CountingStage):
+    """train_prior reading shard's out.txt: a declared input."""
+
+    NAME = "train_prior"
+    INPUTS = {"shard": ("out.txt",)}
+
+
+@pytest.fixture
+def two_stages(monkeypatch):
+    stages = {"shard": CountingStage(), "train_prior": ReadingStage()}
+    monkeypatch.setattr(stage_mod, "load_stage_module", lambda name: stages[name])
+    return stages
+
+
+def test_declared_inputs_are_checked_and_fingerprinted_from_done_json(tmp_path, two_stages, cfg):
+    with pytest.raises(StageError, match=r"stage train_prior needs the shard stage first \(no .*shard/done.json\): "
+                                         r"run `tessera run CONFIG --run-dir .* --stages shard`"):
+        run_stage("train_prior", cfg, tmp_path)
+    assert not (tmp_path / "train_prior" / "done.json").exists()
+    run_stage("shard", cfg, tmp_path)
+    recorded = json.loads((tmp_path / "shard/done.json").read_text())["outputs"]["out.txt"]
+    run_stage("train_prior", cfg, tmp_path)
+    done = json.loads((tmp_path / "train_prior/done.json").read_text())
+    assert done["inputs"] == {"shard/out.txt": recorded}
+    # The recorded hash is the fingerprint (the file is not hashed again): a changed record is a changed input.
+    shard_done = json.loads((tmp_path / "shard/done.json").read_text())
+    shard_done["outputs"]["out.txt"] = "0" * 64
+    (tmp_path / "shard/done.json").write_text(json.dumps(shard_done))
+    with pytest.raises(StageError, match="different inputs shard/out.txt"):
+        run_stage("train_prior", cfg, tmp_path)
+
+
+def test_a_record_from_before_the_key_declarations_is_still_skipped(tmp_path, two_stages, cfg, repo_root):
+    """done.json written by the code that hashed whole sections: keys it hashed that the stage no
+    longer reads are no change; a key it now hashes is taken from the run's other records."""
+    soft = load_config(repo_root / "configs/demo-rq.yaml", ["tokenizer.soft_tau=0.7"])
+    run_stage("shard", soft, tmp_path)
+    run_stage("train_prior", soft, tmp_path)
+    path = tmp_path / "train_prior/done.json"
+    done = json.loads(path.read_text())
+    view = dict(done["config"])
+    # What the older code recorded: whole sections (here data), without tokenizer.soft_tau...
+    view["data"] = {**soft.to_dict()["data"]}
+    view.pop("tokenizer")
+    done.update(config=view, config_hash="recorded-by-older-code")
+    path.write_text(json.dumps(done))
+    # ... which train_tokenizer's older record held (it hashed the whole tokenizer section).
+    tok = {**done, "stage": "train_tokenizer", "config": {"seed": 0, "tokenizer": soft.to_dict()["tokenizer"]}}
+    (tmp_path / "train_tokenizer").mkdir()
+    (tmp_path / "train_tokenizer/done.json").write_text(json.dumps(tok))
+    assert run_stage("train_prior", soft, tmp_path).status == "skipped"
+    changed = load_config(repo_root / "configs/demo-rq.yaml", ["tokenizer.soft_tau=0.2"])
+    with pytest.raises(StageError, match=r"different config \(tokenizer.soft_tau: '<absent>' -> 0.2\)"):
+        run_stage("train_prior", changed, tmp_path)

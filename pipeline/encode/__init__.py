@@ -1,0 +1,1 @@
+"""Encoding a dataset with a trained tokenizer (the precompute_codes stage's work)."""
