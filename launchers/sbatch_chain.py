@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline.config.root import load_config
 from pipeline.config.schema import ConfigError
+from pipeline.runner.rundir import check_run_dir_name
 from pipeline.runner.stage import STAGE_NAMES, preflight
 
 from .graph import DATA_PARALLEL_STAGES, JobSpec, build_graph, select_stages
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         config = str(Path(args.config).resolve())
         run_dir = Path(args.run_dir).resolve()
+        check_run_dir_name(run_dir)
         stages = select_stages(args.stages, list(STAGE_NAMES))
         preflight(cfg, stages, run_dir=run_dir)
         specs, done = build_graph(cfg, run_dir, stages)

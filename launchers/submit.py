@@ -26,6 +26,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from pipeline.config.root import load_config
 from pipeline.config.schema import ConfigError
+from pipeline.runner.rundir import check_run_dir_name
 from pipeline.runner.stage import STAGE_NAMES, preflight
 
 from .graph import JobSpec, build_graph, format_graph, select_stages
@@ -80,6 +81,7 @@ def submit(config: str, overrides: list[str], run_dir: str | None, stages: str |
            dry_run: bool = False) -> int:
     cfg = load_config(config, overrides)
     run_path = (Path(run_dir) if run_dir else Path("runs") / cfg.name).resolve()
+    check_run_dir_name(run_path)  # it is pasted into the sbatch scripts submitit writes
     config_path = str(Path(config).resolve())  # the jobs start in the repository, not necessarily here
     selected = select_stages(stages, list(STAGE_NAMES))
     preflight(cfg, selected, run_dir=run_path)

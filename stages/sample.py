@@ -52,7 +52,7 @@ def verify_outputs(stage_dir: Path) -> None:
     for chunk in manifest["chunks"]:
         path = stage_dir / chunk["name"]
         if not path.is_file() or sha256_file(path) != chunk["sha256"]:
-            raise StageError(f"{path}: missing or different from {stage_dir / MANIFEST_NAME}; rerun the stage with --force")
+            raise StageError(f"{path}: missing or different from {stage_dir / MANIFEST_NAME}")
 
 
 def run(ctx: StageContext) -> StageResult | None:

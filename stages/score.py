@@ -21,6 +21,7 @@ import torch
 from pipeline.evaluation.inception import UNCALIBRATED, load_inception
 from pipeline.evaluation.reference_stats import split_reference
 from pipeline.evaluation.scoring import leaderboard_row, reference_from_npz, score_samples
+from pipeline.runtime.validate import check_reference_archive, check_sample_archive
 from pipeline.generation.sample_files import iter_npz_images
 from pipeline.runner.artifacts import PRIOR_CONFIG
 from pipeline.runner.rundir import RunDir
@@ -32,6 +33,14 @@ from pipeline.runtime.io import atomic_path, atomic_write_json, read_json, sha25
 NAME = "score"
 INPUTS = {"sample": ("samples.npz",)}
 METRICS_JSON, LEADERBOARD = "metrics.json", "leaderboard.md"
+
+
+def check_inputs(ctx: StageContext) -> None:
+    """The samples and a user's score.reference, before the runner records an attempt: a wrong
+    reference file fails here, in one line, and the corrected rerun is not held to it."""
+    shape = check_sample_archive(RunDir(ctx.run_dir).stage_dir("sample") / "samples.npz", "samples")
+    if ctx.cfg.score.reference:
+        check_reference_archive(ctx.cfg.score.reference, "score.reference", resolution=shape[1])
 
 
 def external_inputs(ctx: StageContext) -> dict[str, str]:
@@ -126,7 +135,9 @@ def score_archive(samples: Path, sc, device: torch.device, logger, dataset_refer
         logger.warning("no Inception weights: uncalibrated Inception (every metric is named *_uncalibrated)")
     need_features = bool({"kid", "prc"} & set(sc.metrics))
     if sc.reference:
-        reference = reference_from_npz(Path(sc.reference), extractor, batch=sc.batch_size, need_features=need_features)
+        resolution = check_sample_archive(samples, "samples")[1]
+        reference = reference_from_npz(Path(sc.reference), extractor, batch=sc.batch_size, need_features=need_features,
+                                       resolution=resolution)
     else:
         reference = dataset_reference(extractor, source, need_features)
     metrics = score_samples(samples, reference, extractor, source, sc.metrics, batch=sc.batch_size,

@@ -24,6 +24,8 @@ from pipeline.train.signals import PreemptionGuard
 
 NAME = "train_prior"
 INPUTS = {"train_tokenizer": ("tokenizer.safetensors",), "precompute_codes": ("manifest.json",)}
+# A lost or corrupt export is rebuilt from the final checkpoint (pipeline/runner/repair.py), not retrained.
+EXPORTS_FROM_CHECKPOINT = True
 
 
 def check_config(cfg) -> None:
@@ -48,7 +50,7 @@ def run(ctx) -> StageResult:
     writer = tensorboard_writer(ctx.run_dir, NAME)
     try:
         # The guard is up before the (slow) model build, so an early SLURM signal is not fatal.
-        with PreemptionGuard() as guard:
+        with PreemptionGuard(at_once=True, doing="the model build and resume") as guard:
             tokenizer = load_tokenizer(run.stage_dir("train_tokenizer"), ctx.device)
             trainer = PriorTrainer(cfg, ctx.env, ctx.device, ctx.stage_dir, tokenizer, codes, ctx.logger, writer)
             metrics = trainer.fit(guard)

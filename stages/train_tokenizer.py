@@ -21,6 +21,8 @@ from pipeline.train.tokenizer_trainer import TokenizerTrainer
 
 NAME = "train_tokenizer"
 INPUTS = {"shard": ("manifest.json",)}
+# A lost or corrupt export is rebuilt from the final checkpoint (pipeline/runner/repair.py), not retrained.
+EXPORTS_FROM_CHECKPOINT = True
 
 
 def check_config(cfg) -> None:
@@ -37,7 +39,7 @@ def run(ctx) -> StageResult:
     writer = tensorboard_writer(ctx.run_dir, NAME)
     # The guard is up before the (slow) model build, so an early SLURM signal is not fatal.
     try:
-        with PreemptionGuard() as guard:
+        with PreemptionGuard(at_once=True, doing="the model build and resume") as guard:
             trainer = TokenizerTrainer(cfg, ctx.env, ctx.device, ctx.stage_dir, loaders, ctx.logger, writer)
             metrics = trainer.fit(guard)
             for engine in (trainer.gen, trainer.disc_engine):

@@ -56,30 +56,41 @@ def tessera(*args, nproc: int = 1, check: bool = True, env_extra: dict | None = 
 
 # --- Signals at a known step ------------------------------------------------------------------
 # The harness every kill/preemption test uses: the CLI runs in a subprocess whose trainer sends
-# `signum` to its own process right after step `at_step` (on one rank, or on every rank), so the
-# signal lands at a known point instead of racing the run's end.
+# `signum` to its own process (or, with `group`, to its whole process group, as SLURM does) right
+# after step `at_step` (on one rank, or on every rank), or with phase="eval" at the start of the
+# evaluation at that step, so the signal lands at a known point instead of racing the run's end.
 TRAINERS = {
     "train_tokenizer": ("pipeline.train.tokenizer_trainer", "TokenizerTrainer"),
     "train_prior": ("pipeline.train.prior_trainer", "PriorTrainer"),
 }
 
 
-def signal_after_step(stage: str, at_step: int, signum: int, rank: int | None = 0) -> None:
-    """Patch `stage`'s trainer in this process: after step `at_step`, rank `rank` (every rank when
-    None, as a node failure takes them all) sends itself `signum`."""
+def signal_after_step(stage: str, at_step: int, signum: int, rank: int | None = 0, *, group: bool = False,
+                      phase: str = "step") -> None:
+    """Patch `stage`'s trainer in this process: after step `at_step` (phase "step"), or as the
+    evaluation at step `at_step` starts (phase "eval"), rank `rank` (every rank when None, as a
+    node failure takes them all) sends `signum` to itself, or to its process group."""
     import importlib
 
     module_name, class_name = TRAINERS[stage]
     cls = getattr(importlib.import_module(module_name), class_name)
-    train_step = cls.train_step
+    method = {"step": "train_step", "eval": "evaluate"}[phase]
+    original = getattr(cls, method)
 
-    def signalling_train_step(self):
-        logs = train_step(self)
+    def send(self):
         if self.step == at_step and (rank is None or self.env.rank == rank):
-            os.kill(os.getpid(), signum)
+            os.killpg(os.getpgid(0), signum) if group else os.kill(os.getpid(), signum)
+
+    def after_step(self):
+        logs = original(self)
+        send(self)
         return logs
 
-    cls.train_step = signalling_train_step
+    def before_eval(self, *args, **kwargs):
+        send(self)
+        return original(self, *args, **kwargs)
+
+    setattr(cls, method, after_step if phase == "step" else before_eval)
 
 
 _SIGNALLED_CLI = """
@@ -88,24 +99,28 @@ sys.path[:0] = [os.environ["TESSERA_TESTS"], os.environ["TESSERA_REPO"]]
 from testkit import signal_after_step
 rank = os.environ["SIGNAL_RANK"]
 signal_after_step(os.environ["SIGNAL_STAGE"], int(os.environ["SIGNAL_AT_STEP"]), int(os.environ["SIGNAL_NUM"]),
-                  None if rank == "all" else int(rank))
+                  None if rank == "all" else int(rank), group=os.environ["SIGNAL_GROUP"] == "1",
+                  phase=os.environ["SIGNAL_PHASE"])
 runpy.run_module("pipeline.cli", run_name="__main__", alter_sys=True)
 """
 
 
 def run_signalled(stage: str, at_step: int, signum: int, *cli_args, rank: int | None = 0, nproc: int = 1,
-                  script_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `tessera CLI_ARGS` (under torchrun with `nproc` ranks) with `signal_after_step` planted."""
+                  script_dir: Path, timeout: int = 600, group: bool = False,
+                  phase: str = "step") -> subprocess.CompletedProcess:
+    """Run `tessera CLI_ARGS` (under torchrun with `nproc` ranks) with `signal_after_step` planted;
+    with `group` in a session of its own, whose whole process group gets the signal."""
     script = Path(script_dir) / "signalled_cli.py"
     script.write_text(_SIGNALLED_CLI)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TESSERA_TESTS": str(REPO / "tests"), "TESSERA_REPO": str(REPO),
            "SIGNAL_STAGE": stage, "SIGNAL_AT_STEP": str(at_step), "SIGNAL_NUM": str(int(signum)),
-           "SIGNAL_RANK": "all" if rank is None else str(rank)}
+           "SIGNAL_RANK": "all" if rank is None else str(rank), "SIGNAL_GROUP": "1" if group else "0",
+           "SIGNAL_PHASE": phase}
     launch = [sys.executable]
     if nproc > 1:
         launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
     return subprocess.run([*launch, str(script), *cli_args], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, start_new_session=group)
 
 
 def copy_until_prior(source, target) -> Path:

@@ -17,6 +17,13 @@ tessera_stage() {
     fi
     local config=$1 run_dir=$2
     shift 2
+    # The run directory ends up in paths, logs and events.jsonl lines: a control character (a
+    # newline above all) in its name would split them, so such a name is refused up front.
+    if [[ $run_dir == *[[:cntrl:]]* ]]; then
+        printf 'tessera: error: RUN_DIR %q: the name contains a control character; choose another name\n' \
+            "$run_dir" >&2
+        exit 2
+    fi
     local repo=${TESSERA_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
     if [[ -n ${TESSERA_SETUP:-} ]]; then
         # shellcheck disable=SC1090  # the user's own setup file

@@ -1,7 +1,7 @@
 """`tessera` command line: run the pipeline, one stage, or show a run's status.
 
-    tessera run CONFIG [--run-dir DIR] [--stages a,b] [--force] [key=value ...]
-    tessera stage NAME CONFIG [--run-dir DIR] [--num-tasks N --task-id I] [--force] [key=value ...]
+    tessera run CONFIG [--run-dir DIR] [--stages a,b] [--force [--from-scratch]] [key=value ...]
+    tessera stage NAME CONFIG [--run-dir DIR] [--num-tasks N --task-id I] [--force [--from-scratch]] [key=value ...]
     tessera submit CONFIG [--run-dir DIR] [--stages a,b] [--dry-run] [--executor slurm|local] [key=value ...]
     tessera status RUN_DIR
     tessera cancel RUN_DIR
@@ -29,7 +29,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML preset, e.g. configs/demo-rq.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
-    p.add_argument("--force", action="store_true", help="discard a stage's outputs when its config or inputs changed")
+    p.add_argument("--force", action="store_true", help="start a stage over when its config or inputs changed; with "
+                   "the same config and inputs, rebuild it from the checkpoints and units that still match")
+    p.add_argument("--from-scratch", action="store_true", help="with --force: also delete the stage's "
+                   "checkpoints and finished units that still match the config (redo all its work)")
 
 
 def installed_version() -> str:
@@ -148,7 +151,17 @@ def _array_task(args) -> tuple[int, int]:
 
 
 def _run_dir(args, cfg) -> Path:
-    return Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+    from ..runner.rundir import check_run_dir_name
+
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+    check_run_dir_name(run_dir)
+    return run_dir
+
+
+def _from_scratch(args) -> bool:
+    if args.from_scratch and not args.force:
+        raise ConfigError("--from-scratch goes with --force (it says what --force may delete)")
+    return args.from_scratch
 
 
 def cmd_run(args) -> int:
@@ -170,7 +183,7 @@ def cmd_run(args) -> int:
     preflight(cfg, stages, run_dir=run_dir, force=args.force)  # every stage's checks before the first starts
     for name in stages:
         reset_peak_rss()
-        outcome = run_stage(name, cfg, run_dir, force=args.force)
+        outcome = run_stage(name, cfg, run_dir, force=args.force, from_scratch=_from_scratch(args))
         peak = peak_rss_bytes()
         release_memory()  # the next stage starts from this stage's leftovers otherwise
         print(f"[tessera] {name}: {outcome.status} (peak RSS {peak / 2 ** 30:.2f} GiB, after release "
@@ -186,7 +199,8 @@ def cmd_stage(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     num_tasks, task_id = _array_task(args)
-    outcome = run_stage(args.name, cfg, _run_dir(args, cfg), force=args.force, num_tasks=num_tasks, task_id=task_id)
+    outcome = run_stage(args.name, cfg, _run_dir(args, cfg), force=args.force, num_tasks=num_tasks, task_id=task_id,
+                        from_scratch=_from_scratch(args))
     print(f"[tessera] {args.name}: {outcome.status}", flush=True)
     return 0
 
@@ -271,7 +285,9 @@ def cmd_estimate(args) -> int:
 
 def cmd_import(args) -> int:
     from ..importers.rq_official_stages import import_rq_official
+    from ..runner.rundir import check_run_dir_name
 
+    check_run_dir_name(args.run_dir)
     outcomes = import_rq_official(stage1=args.stage1, stage2=args.stage2, run_dir=args.run_dir, config=args.config,
                                   overrides=args.overrides, ema=args.ema, force=args.force)
     for outcome in outcomes:
@@ -292,14 +308,16 @@ def cmd_score(args) -> int:
     from ..config.sections import ScoreConfig
     from ..evaluation.scoring import METRIC_NAMES, leaderboard_row, read_npz_header
     from ..runner.stage import load_stage_module
+    from ..runtime.validate import check_reference_archive, check_sample_archive
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     bad = [m for m in metrics if m not in METRIC_NAMES]
     if bad:
         raise ConfigError(f"--metrics: {bad[0]!r} is not a metric; choose from {', '.join(METRIC_NAMES)}")
     samples = Path(args.samples)
-    if not samples.is_file():
-        raise ConfigError(f"--samples: {samples}: no such file")
+    # Both files are checked before the (slow) Inception network is loaded.
+    shape = check_sample_archive(samples, "--samples")
+    check_reference_archive(args.ref, "--ref", resolution=shape[1])
     sc = build_section(ScoreConfig, {
         "metrics": metrics, "reference": str(args.ref),
         "inception_weights": args.inception_weights, "download_weights": not args.no_download,
@@ -340,14 +358,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ..runtime.errors import StageError, describe_os_error
-    from ..train.signals import PREEMPTED_EXIT_CODE, Preempted
+    from ..train.signals import PREEMPTED_EXIT_CODE, Interrupted, Preempted
 
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, StageError) as err:
         print(f"tessera: error: {err}", file=sys.stderr)
         return 2
-    except Preempted as stop:  # checkpoint written; the launcher requeues on this exit code
+    except (Preempted, Interrupted) as stop:  # checkpoint written; the launcher requeues on this exit code
         print(f"tessera: {stop}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     except BrokenPipeError:  # e.g. `tessera config --keys | head`

@@ -105,15 +105,20 @@ def verify_shards(manifest: dict | str | os.PathLike, root: str | os.PathLike | 
                 continue  # an indexed shard set, not ours: its stream's sha256 is checked as it is read
             unit = root / shard["name"]
             if not unit.exists():
-                raise ShardIntegrityError(f"shard {shard['name']} listed in the manifest is missing from {root}")
+                raise ShardIntegrityError(f"shard {shard['name']} listed in the manifest is missing from {root} "
+                                          f"(written by the {stage} stage)")
             stamp = _stamp(unit)
             if cache.get(shard["name"]) == [*stamp, shard["sha256"]]:
                 continue
-            sha, _ = unit_digest(unit)
+            sha, size = unit_digest(unit)
             if sha != shard["sha256"]:
+                if unit.is_dir() and size < shard.get("bytes", 0):  # e.g. an MDS shard folder lost a file
+                    raise ShardIntegrityError(
+                        f"shard {shard['name']} in {root} is missing files: {size} of the {shard['bytes']} bytes "
+                        f"the manifest lists are there (written by the {stage} stage)")
                 raise ShardIntegrityError(
                     f"shard {shard['name']} in {root} does not match the manifest (sha256 {sha[:12]}... != "
-                    f"{shard['sha256'][:12]}...): it was modified or corrupted; rerun the {stage} stage with --force")
+                    f"{shard['sha256'][:12]}...): it was modified or corrupted (written by the {stage} stage)")
             updated[shard["name"]] = [*stamp, sha]
     if updated != cache:
         try:

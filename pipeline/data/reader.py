@@ -135,7 +135,8 @@ class ShardedImageDataset(Dataset):
         unit = self._units[unit_id]
         if len(unit) != self._counts[unit_id]:
             raise ShardIntegrityError(f"shard {unit.path} holds {len(unit)} samples, the manifest says "
-                                      f"{self._counts[unit_id]}; rerun the shard stage with --force")
+                                      f"{self._counts[unit_id]}; rerun the shard stage with --force (it rewrites only the "
+                                      f"shards that fail their check)")
         return unit.get(index - int(self._offsets[unit_id]))
 
     def __getitem__(self, item) -> tuple[torch.Tensor, int, str]:

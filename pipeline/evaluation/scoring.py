@@ -11,7 +11,6 @@ Uncalibrated extractors (no Inception weights) name every metric `*_uncalibrated
 """
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Iterable
 
@@ -20,6 +19,7 @@ import torch
 
 from ..generation.sample_files import iter_npz_images, read_npz_header
 from ..runtime.errors import StageError
+from ..runtime.validate import check_reference_archive
 from .inception import UNCALIBRATED, inception_features
 from ..runtime.io import atomic_path
 
@@ -34,23 +34,18 @@ def statistics(features_NF: torch.Tensor) -> dict:
     return {"mu": stats["mu"].astype(np.float64), "sigma": stats["sigma"].astype(np.float64)}
 
 
-def npz_members(path: Path) -> set[str]:
-    with zipfile.ZipFile(path) as zf:
-        return {name.removesuffix(".npy") for name in zf.namelist()}
-
-
 def features_of_npz(path: Path, extractor, batch: int, desc: str) -> dict[str, torch.Tensor]:
     shape, _ = read_npz_header(path)
     return inception_features(extractor, iter_npz_images(path, batch), total=shape[0], desc=desc)
 
 
-def reference_from_npz(path: Path, extractor, *, batch: int, need_features: bool) -> dict:
+def reference_from_npz(path: Path, extractor, *, batch: int, need_features: bool, resolution: int | None = None,
+                       what: str = "score.reference") -> dict:
     """mu/sigma from the file (computed from its images when it has none); features when asked and
-    the file has images (arr_0) or stored features."""
+    the file has images (arr_0) or stored features. The file is checked first (pipeline/runtime/
+    validate.py), its images against the samples' `resolution`."""
     path = Path(path)
-    if not path.is_file():
-        raise StageError(f"score.reference={path}: no such file (an .npz with mu/sigma and/or arr_0 images)")
-    members = npz_members(path)
+    members = check_reference_archive(path, what, resolution)
     ref: dict = {"source": str(path)}
     with np.load(path) as archive:
         if {"mu", "sigma"} <= members:
@@ -61,8 +56,6 @@ def reference_from_npz(path: Path, extractor, *, batch: int, need_features: bool
         ref["features"] = features_of_npz(path, extractor, batch, "reference")["2048"]
         ref.setdefault("mu", statistics(ref["features"])["mu"])
         ref.setdefault("sigma", statistics(ref["features"])["sigma"])
-    if "mu" not in ref:
-        raise StageError(f"{path}: has neither mu/sigma nor arr_0 images (members: {sorted(members)})")
     return ref
 
 

@@ -42,13 +42,13 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-import yaml
 
 from ..config.root import Config, load_config
 from ..config.schema import ConfigError
 from ..models.autoencoder import AttnBlock
 from ..models.registry import build_tokenizer
 from ..runtime.errors import StageError
+from ..runtime.validate import load_tensor_checkpoint, read_yaml_mapping
 
 SOURCE = "rq-official"
 MODEL_FILE, CONFIG_FILE = "model.pt", "config.yaml"
@@ -103,12 +103,7 @@ def _uniform(value, where: str):
 def read_stage1_config(path: str | Path) -> Stage1Spec:
     """Their stage-1 config.yaml (full saved config with `arch:`, or the arch section alone) -> Stage1Spec."""
     path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping with an `arch` section")
+    tree = read_yaml_mapping(path, "--stage1")
     arch = tree.get("arch", tree if "ddconfig" in tree else None)
     where = f"{path}: arch" if "arch" in tree else f"{path}:"
     if not isinstance(arch, dict):
@@ -196,14 +191,7 @@ def build_run_config(spec: Stage1Spec, config: str | Path | None = None, overrid
 def load_stage1_state_dict(model_pt: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
     """`state_dict` (or `state_dict_ema`) of their model.pt, tensors only, without a DDP/EMA `module.` prefix."""
     model_pt = Path(model_pt)
-    try:
-        ckpt = torch.load(model_pt, map_location="cpu", weights_only=True)
-    except (OSError, EOFError) as err:
-        raise CheckpointMismatch(f"{model_pt}: cannot be read: {err}") from None
-    except Exception as err:  # pickle.UnpicklingError and friends: not a tensors-only checkpoint
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointMismatch(f"{model_pt}: not a tensors-only torch checkpoint (torch.load weights_only=True "
-                                 f"refused it: {first})") from None
+    ckpt = load_tensor_checkpoint(model_pt, "--stage1")
     key = "state_dict_ema" if ema else "state_dict"
     if not isinstance(ckpt, dict) or key not in ckpt:
         held = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__

@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 
 from ..config.schema import ConfigError, build_section
 from ..models.prior_config import CodeSpec, PriorConfig
+from ..runtime.validate import load_tensor_checkpoint, read_yaml_mapping
 from .rq_official import CheckpointMismatch
 
 # Their top-level names -> ours (block internals keep their names: ln1, ln2, attn.key/query/value/proj, mlp.0/2).
@@ -98,7 +98,7 @@ def convert_state_dict(theirs: dict[str, torch.Tensor], ours_template: dict[str,
 def load_stage2_state_dict(model_pt: str | Path, ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
     """(their state dict, which one) from a stage-2 model.pt: `state_dict_ema` when asked and present
     (their sampling script loads the EMA weights), else `state_dict`. Tensors only (weights_only)."""
-    ckpt = torch.load(model_pt, map_location="cpu", weights_only=True)
+    ckpt = load_tensor_checkpoint(model_pt, "--stage2")
     key = "state_dict_ema" if ema and "state_dict_ema" in ckpt else "state_dict"
     if key not in ckpt:
         raise CheckpointMismatch(f"{model_pt}: no 'state_dict' in the checkpoint (keys: {sorted(ckpt)[:8]})")
@@ -119,7 +119,7 @@ def load_rq_official_prior(stage2_dir: str | Path, codebook_BKC: torch.Tensor | 
                            ema: bool = True):
     """(model, PriorConfig, CodeSpec) from a released stage-2 folder; `codebook_BKC` = the stage-1 codes' vectors."""
     ckpt_path, cfg_path = stage2_files(stage2_dir)
-    cfg, spec = prior_config_from_yaml(yaml.safe_load(cfg_path.read_text()))
+    cfg, spec = prior_config_from_yaml(read_yaml_mapping(cfg_path, "--stage2"))
     theirs, _ = load_stage2_state_dict(ckpt_path, ema)
     return build_from_their_state(theirs, cfg, spec, codebook_BKC), cfg, spec
 

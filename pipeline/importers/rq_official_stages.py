@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import yaml
-
 from ..config.root import Config
 from ..config.schema import ConfigError
 from ..runner.artifacts import (
@@ -27,6 +25,7 @@ from ..runner.artifacts import (
 from ..runner.stage import IMPORTED_INPUT_PREFIX, StageContext, StageOutcome, StageResult, run_stage
 from ..runtime.dist import barrier
 from ..runtime.io import atomic_write_json, sha256_file
+from ..runtime.validate import read_yaml_mapping
 from .rq_official import (
     CONFIG_FILE,
     IMPORT_RECORD,
@@ -129,7 +128,7 @@ def prepare_stage2(stage2: str | Path, tokenizer, cfg: Config) -> PreparedImport
     from ..models.prior_config import CodeSpec
 
     model_pt, config_yaml = stage2_files(stage2)
-    prior_cfg, spec = prior_config_from_yaml(yaml.safe_load(config_yaml.read_text()))
+    prior_cfg, spec = prior_config_from_yaml(read_yaml_mapping(config_yaml, "--stage2"))
     codes = CodeSpec.from_tokenizer(tokenizer)
     if spec != codes:
         raise ConfigError(f"--stage2: their RQ-Transformer models codes {spec} but the stage-1 tokenizer makes "
@@ -152,7 +151,7 @@ def import_rq_official(*, stage1: str | Path, run_dir: str | Path, stage2: str |
     prior = None
     overrides = list(overrides)
     if stage2 is not None:
-        prior, _ = prior_config_from_yaml(yaml.safe_load(stage2_files(stage2)[1].read_text()))
+        prior, _ = prior_config_from_yaml(read_yaml_mapping(stage2_files(stage2)[1], "--stage2"))
         if prior.num_classes:  # their class count is the data's (a user override still wins, and is checked)
             overrides.insert(0, f"data.num_classes={prior.num_classes}")
     first = prepare_stage1(stage1, config=config, overrides=overrides, ema=ema, prior=prior)

@@ -11,10 +11,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config.schema import ConfigError
 from ..runtime.io import atomic_write_json, read_json
 from .lock import is_lock_file
 
 STAGE_NAMES = ("shard", "train_tokenizer", "precompute_codes", "train_prior", "sample", "score")
+
+
+def check_run_dir_name(run_dir: str | Path) -> None:
+    """Refuse a run directory whose name holds a control character: the name travels into sbatch
+    scripts (`#SBATCH --output=...`, the job's command line) and log lines, where a newline would
+    start a line of shell code of its own."""
+    text = str(run_dir)
+    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ConfigError(f"--run-dir {text!r}: the name contains the control character {bad!r}; "
+                          f"choose a name without control characters (newlines, tabs, escapes)")
 
 
 @dataclass

@@ -11,7 +11,8 @@ only when they are done, and the hashes their done.json recorded for those files
 fingerprints. The config it reads is declared on the config keys themselves (option(affects=...)
 in pipeline/config): the runner hashes exactly the keys that name the stage. Optional:
 `external_inputs(ctx)` (fingerprints of what it reads from outside the run: source images, a
-reference file), `check_config(cfg)` (raises ConfigError; run for every stage of `tessera run`
+reference file), `check_inputs(ctx)` (raises StageError for a bad user-supplied file; run before
+the attempt is recorded, so it does not block the corrected rerun), `check_config(cfg)` (raises ConfigError; run for every stage of `tessera run`
 before the first starts) and `verify_outputs(stage_dir)` (raises StageError; run when a finished
 stage is skipped and by `tessera verify`, after the files done.json hashed were checked).
 
@@ -49,7 +50,9 @@ from ..runtime.io import atomic_write_text, sha256_file, sha256_json
 from ..runtime.logs import setup_logging
 from .external_files import check_external_files
 from .lock import StageLock, is_lock_file
+from .repair import describe_discard, rebuild_plan, remedy
 from .rundir import STAGE_NAMES, RunDir
+from ..train.signals import Interrupted, Preempted, PreemptionGuard
 
 # Inputs of a stage made by `tessera import` start with this (the hashes of the imported files).
 IMPORTED_INPUT_PREFIX = "import:"
@@ -205,15 +208,23 @@ def verify_stage(name: str, run: RunDir) -> None:
     done = run.read_done(name)
     if done is None:
         raise StageError(f"stage {name} is not finished in {run.root} (no {run.done_path(name)})")
-    stage_dir = run.stage_dir(name)
+    module = load_stage_module(name)
+    try:
+        _check_outputs(module, run, done)
+    except StageError as err:
+        raise StageError(f"{err}; {remedy(module, run, name)}") from None
+
+
+def _check_outputs(module, run: RunDir, done: dict) -> None:
+    name, stage_dir = module.NAME, run.stage_dir(module.NAME)
     for file, sha in sorted(done.get("outputs", {}).items()):
         path = stage_dir / file
         if not path.is_file():
-            raise StageError(f"{path} (an output of the finished stage {name}) is missing; rerun the stage with --force")
+            raise StageError(f"{path} (an output of the finished stage {name}) is missing")
         if sha256_file(path) != sha:
             raise StageError(f"{path} (an output of the finished stage {name}) differs from the hash in "
-                             f"{run.done_path(name)}: it was modified or corrupted; rerun the stage with --force")
-    verify = getattr(load_stage_module(name), "verify_outputs", None)
+                             f"{run.done_path(name)}: it was modified or corrupted")
+    verify = getattr(module, "verify_outputs", None)
     if verify is not None:
         verify(stage_dir)
 
@@ -234,11 +245,13 @@ def preflight(cfg: Config, names: list[str], *, run_dir: str | Path | None = Non
 
 
 def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = False, num_tasks: int = 1,
-              task_id: int = 0, module=None) -> StageOutcome:
-    """Run one stage on every rank: lock, decide (run / skip / refuse / clear), run, record.
+              task_id: int = 0, module=None, from_scratch: bool = False) -> StageOutcome:
+    """Run one stage on every rank: lock, decide (run / skip / rebuild / refuse / clear), run, record.
 
     `module` stands in for the stage's own module (same NAME): `tessera import`
-    produces a stage's outputs from foreign checkpoints through the same lock and records."""
+    produces a stage's outputs from foreign checkpoints through the same lock and records.
+    `force` clears the stage when its config or inputs changed, and otherwise rebuilds it in place
+    from what still matches (pipeline/runner/repair.py); `from_scratch` clears it always."""
     imported = module is not None  # its outputs come from foreign files, not from the config's inputs
     module = load_stage_module(name) if module is None else module
     preflight(cfg, [name], run_dir=run_dir, force=force, external_files=not imported)
@@ -246,6 +259,11 @@ def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = Fals
         raise StageError(f"--task-id {task_id} must be in [0, {num_tasks}) for --num-tasks {num_tasks}")
     run = RunDir(run_dir)
     stage_dir = run.stage_dir(name)
+    inputs = list(stage_inputs(module))
+    if inputs and not run.root.is_dir():
+        # Refused before anything is created: a typo in --run-dir must not leave a new run behind.
+        raise StageError(f"run directory {run.root} does not exist, and stage {name} reads the outputs of "
+                         f"{', '.join(inputs)} from it: check --run-dir, or run those stages first")
     try:
         stage_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -261,7 +279,7 @@ def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = Fals
         # Rank 0 takes the lock for the job and decides; every rank follows its answer.
         _on_main_then_broadcast(env, lock.acquire)
         try:
-            return _run_locked(module, ctx, run, force)
+            return _run_locked(module, ctx, run, force, from_scratch)
         finally:
             if env.is_main:
                 lock.release()
@@ -271,6 +289,9 @@ def run_stage(name: str, cfg: Config, run_dir: str | Path, *, force: bool = Fals
         raise StageError(message) from None
     except StageError as err:
         logger.error("%s", err)
+        raise
+    except (Preempted, Interrupted) as stop:  # the CLI turns it into exit code 3
+        logger.warning("%s", stop)
         raise
 
 
@@ -289,23 +310,33 @@ def _on_main_then_broadcast(env: DistEnv, action) -> None:
         raise StageError(error)
 
 
-def _run_locked(module, ctx: StageContext, run: RunDir, force: bool) -> StageOutcome:
+def _run_locked(module, ctx: StageContext, run: RunDir, force: bool, from_scratch: bool) -> StageOutcome:
     name, env, logger, stage_dir = module.NAME, ctx.env, ctx.logger, ctx.stage_dir
     fingerprint = _fingerprint(module, ctx, run)
-    decision = broadcast_object(_decide(run, name, fingerprint, force) if env.is_main else None)
+    decision = broadcast_object(_decide(run, name, fingerprint, force, from_scratch) if env.is_main else None)
     if decision["action"] == "refuse":
         raise StageError(decision["message"])
     if decision["action"] == "skip":
         # "done" is a claim about files: check it (cheap: hashes of shards are cached by stat).
-        _on_main_then_broadcast(env, lambda: verify_stage(name, run))
-        logger.info("stage %s: already done with the same config and inputs (outputs verified); skipped", name)
-        return StageOutcome(name, "skipped", run.read_done(name))
+        decision = broadcast_object(_verify_or_rebuild(module, run, logger) if env.is_main else None)
+        if decision["action"] == "refuse":
+            raise StageError(decision["message"])
+        if decision["action"] == "skip":
+            logger.info("stage %s: already done with the same config and inputs (outputs verified); skipped", name)
+            return StageOutcome(name, "skipped", run.read_done(name))
+    if decision["action"] == "rebuild" and env.is_main:
+        run.done_path(name).unlink(missing_ok=True)  # not done until the rebuilt outputs are recorded
     if decision["action"] == "clear" and env.is_main:
-        logger.info("stage %s: --force given; clearing previous outputs", name)
+        logger.info("stage %s: clearing %s", name, describe_discard(stage_dir))
         _clear_stage_dir(stage_dir)
     # Every input, every split, before the first step: a bad val shard must not surface after training.
     for earlier in stage_inputs(module):
         _on_main_then_broadcast(env, lambda: verify_stage(earlier, run))
+    # User-supplied files (e.g. score.reference) before the attempt is recorded: a bad one must not
+    # pin the attempt's config, which would refuse the corrected rerun.
+    check_inputs = getattr(module, "check_inputs", None)
+    if check_inputs is not None:
+        _on_main_then_broadcast(env, lambda: check_inputs(ctx))
     if env.is_main:
         run.write_attempt(name, fingerprint)
         atomic_write_text(run.root / "config.yaml", ctx.cfg.to_yaml())
@@ -314,7 +345,10 @@ def _run_locked(module, ctx: StageContext, run: RunDir, force: bool) -> StageOut
     logger.info("stage %s: starting (rank %d/%d, task %d/%d, device %s)", name, env.rank, env.world_size,
                 ctx.task_id, ctx.num_tasks, ctx.device)
     start = time.time()
-    result = module.run(ctx)
+    # Every phase of every stage stops at once on a preemption signal (exit 3, no traceback);
+    # training loops defer it to their next step boundary (pipeline/train/signals.py).
+    with PreemptionGuard(at_once=True, doing=f"stage {name}"):
+        result = module.run(ctx)
     barrier()
     if result is None:
         logger.info("stage %s: this task's part is finished; the stage completes when all tasks are done", name)
@@ -338,17 +372,37 @@ def _run_locked(module, ctx: StageContext, run: RunDir, force: bool) -> StageOut
     return StageOutcome(name, "done", record)
 
 
-def _decide(run: RunDir, name: str, fingerprint: dict, force: bool) -> dict:
+def _verify_or_rebuild(module, run: RunDir, logger: logging.Logger) -> dict:
+    """Skip a finished stage whose outputs verify; rebuild one in place when a rerun can (a
+    re-export from its final checkpoint, the units that fail their hash); else refuse, saying why."""
+    name = module.NAME
+    module = load_stage_module(name)  # the stage's own checks, also for an imported stage
+    try:
+        _check_outputs(module, run, run.read_done(name))
+        return {"action": "skip"}
+    except OSError as err:
+        return {"action": "refuse", "message": describe_os_error(err, f"verifying the outputs of stage {name}")}
+    except StageError as err:
+        plan = rebuild_plan(module, run, name)
+        if plan is None:
+            return {"action": "refuse", "message": f"{err}; {remedy(module, run, name)}"}
+        logger.warning("stage %s: %s; rebuilding it in place: it %s", name, err, plan)
+        return {"action": "rebuild"}
+
+
+def _decide(run: RunDir, name: str, fingerprint: dict, force: bool, from_scratch: bool = False) -> dict:
     done = run.read_done(name)
     previous = done if done is not None else run.read_attempt(name)
     if previous is None:
         return {"action": "run"}
-    if force:
-        return {"action": "clear"}
     changed = _changed_parts(previous, fingerprint, run)
+    if force:
+        # Same config and inputs: the checkpoints and verified units still match; keep them.
+        return {"action": "clear" if changed or from_scratch else "rebuild"}
     if not changed:
         return {"action": "skip"} if done is not None else {"action": "run"}  # same work: resume it
     what = "finished" if done is not None else "partially run"
     return {"action": "refuse", "message": (
         f"stage {name} was {what} in {run.stage_dir(name)} with different {' and '.join(changed)}; "
-        f"rerun with --force to discard its outputs and start over, or use another --run-dir")}
+        f"rerun with --force to start it over, which deletes {describe_discard(run.stage_dir(name))}; "
+        f"or use another --run-dir")}

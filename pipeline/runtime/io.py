@@ -95,7 +95,8 @@ def read_json(path: str | os.PathLike) -> Any:
     except json.JSONDecodeError as err:
         raise CorruptFileError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}; "
                                f"{len(text)} bytes): it was truncated or corrupted. Restore it, or rerun the "
-                               f"stage that wrote it with --force") from None
+                               f"stage that wrote it with --force (it keeps the checkpoints and units that still "
+                               f"match the config)") from None
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:

@@ -53,10 +53,47 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
     return logger
 
 
-def tensorboard_writer(run_dir: str | Path, stage: str, enabled: bool = True):
-    """SummaryWriter under RUN_DIR/tensorboard/<stage> on the main rank; None elsewhere."""
+class ResumableWriter:
+    """A TensorBoard SummaryWriter that knows the run may be a resumed one.
+
+    A killed run logged the steps after its last checkpoint; the resumed run logs them again. The
+    trainer calls `resume_from(step)` once it knows the step it resumed from, and the event file is
+    opened then (on first use) with `purge_step=step + 1`: TensorBoard drops every earlier event
+    from that step on, so each step is shown once instead of a zig-zag after every preemption."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.purge_step: int | None = None
+        self._writer = None
+
+    def resume_from(self, step: int) -> None:
+        if self._writer is None:  # set before the first event, as the trainers do
+            self.purge_step = step + 1
+
+    def _open(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self.purge_step)
+        return self._writer
+
+    def add_scalar(self, tag: str, value, step: int) -> None:
+        self._open().add_scalar(tag, value, step)
+
+    def add_image(self, tag: str, image, step: int) -> None:
+        self._open().add_image(tag, image, step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def tensorboard_writer(run_dir: str | Path, stage: str, enabled: bool = True) -> ResumableWriter | None:
+    """The writer of RUN_DIR/tensorboard/<stage> on the main rank; None elsewhere."""
     if not enabled or not detect_env().is_main:
         return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard" / stage))
+    return ResumableWriter(Path(run_dir) / "tensorboard" / stage)

@@ -190,7 +190,8 @@ class CheckpointManager:
             raise IncompatibleCheckpoint(
                 f"checkpoint {folder} was written with " + ", ".join(f"{k}={a}" for k, (a, _) in wrong.items())
                 + "; this run has " + ", ".join(f"{k}={b}" for k, (_, b) in wrong.items())
-                + ": resume with the same settings, or rerun with --force to start over")
+                + f": resume with the same settings, or rerun with --force, which deletes the checkpoints in "
+                f"{self.folder} and starts over")
         return None
 
     def candidates(self, meta: dict) -> Iterator[tuple[int, Path]]:

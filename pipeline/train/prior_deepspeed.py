@@ -3,7 +3,6 @@ steps them, the DeepSpeed config (generated from the typed config, then the user
 and DeepSpeed universal checkpoints for resuming on another number of ranks."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ import torch
 from ..config.root import merge_trees
 from ..runtime.errors import StageError
 from ..runtime.io import read_json
+from ..runtime.validate import read_json_mapping
 from .checkpoint import RECORD, CheckpointManager
 from .engine import deepspeed_config
 
@@ -63,15 +63,11 @@ def prior_deepspeed_config(tc, world_size: int, device: torch.device) -> dict:
     if tc.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if tc.deepspeed_config:
-        path = Path(tc.deepspeed_config)
-        try:
-            user = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise StageError(f"prior_train.deepspeed_config: cannot read {path}: {err}") from None
+        user = read_json_mapping(tc.deepspeed_config, "prior_train.deepspeed_config")
         if "optimizer" in user:
-            raise StageError(f"prior_train.deepspeed_config: {path} declares an 'optimizer'; tessera builds AdamW "
-                             f"itself (DeepSpeedCPUAdam under offload) from prior_train.lr, betas and weight_decay: "
-                             f"remove the key and set those instead")
+            raise StageError(f"prior_train.deepspeed_config: {tc.deepspeed_config} declares an 'optimizer'; tessera "
+                             f"builds AdamW itself (DeepSpeedCPUAdam under offload) from prior_train.lr, betas and "
+                             f"weight_decay: remove the key and set those instead")
         config = merge_trees(config, user)
         for key in ("train_batch_size", "gradient_accumulation_steps"):
             mine = deepspeed_config(tc, world_size, device)[key]

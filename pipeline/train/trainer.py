@@ -122,10 +122,12 @@ class Trainer:
         self.load_client_state(client)
 
     def resume(self) -> bool:
-        if resume_newest(self.checkpoints, self.resume_meta, self.load_checkpoint):
+        resumed = resume_newest(self.checkpoints, self.resume_meta, self.load_checkpoint)
+        if resumed:
             self.logger.info("resumed from checkpoint at step %d", self.step)
-            return True
-        return False
+        if self.writer is not None:
+            self.writer.resume_from(self.step)  # a killed run's events after this step are purged
+        return resumed
 
     # ----- the loop ----------------------------------------------------------------------
     def next_batch(self):
@@ -145,6 +147,7 @@ class Trainer:
         bar = progress(tc.steps, initial=self.step, desc=self.stage, unit="step", enabled=self.env.is_main)
         every_min = getattr(tc, "checkpoint_every_min", 0.0)  # a prior_train key; the tokenizer has none
         last_save = time.monotonic()
+        guard.defer()  # in the loop a signal waits for the step boundary: checkpoint, then stop
         while self.step < tc.steps:
             start = time.perf_counter()
             logs = self.train_step()
@@ -167,6 +170,7 @@ class Trainer:
                 bar.close()
                 raise Preempted(self.step, guard.received)
         bar.close()
+        guard.act_at_once(f"the evaluation after the final checkpoint (step {self.step})")
         return self.finish()
 
     # ----- reporting ---------------------------------------------------------------------

@@ -328,5 +328,5 @@ def test_corrupt_code_shard_is_named(runs, tmp_path):
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF  # same size: only the checksum can tell
     shard.write_bytes(bytes(data))
-    with pytest.raises(ShardIntegrityError, match=r"train/train-000001.*precompute_codes stage with --force"):
+    with pytest.raises(ShardIntegrityError, match=r"train/train-000001.*modified or corrupted.*precompute_codes stage"):
         make_code_loader(codes, "train", 8)

@@ -71,26 +71,32 @@ def test_a_deleted_val_shard_fails_before_the_first_step(tmp_path):
     assert "train_tokenizer: starting" not in (tmp_path / "train_tokenizer/log.txt").read_text()
 
 
-def test_a_modified_shard_is_found_when_the_finished_stage_is_skipped(tmp_path):
+def test_a_modified_shard_is_found_and_rewritten_when_the_finished_stage_is_rerun(tmp_path):
     run_tokenizer(tmp_path, "--stages", "shard")
     shard = tmp_path / "shard/train/train-000000.tar"
-    data = bytearray(shard.read_bytes())
+    original = shard.read_bytes()
+    data = bytearray(original)
     data[1000] ^= 0xFF
     shard.write_bytes(bytes(data))
-    out = run_tokenizer(tmp_path, "--stages", "shard", check=False)
-    assert "train/train-000000.tar" in one_error_line(out)
     verify = tessera("verify", str(tmp_path), check=False)
-    assert verify.returncode == 1 and "shard" in verify.stdout and "FAILED" in verify.stdout
+    assert verify.returncode == 1 and "FAILED" in verify.stdout and "train/train-000000.tar" in verify.stdout
+    out = run_tokenizer(tmp_path, "--stages", "shard")
+    assert "shard: done" in out.stdout and shard.read_bytes() == original
+    log = (tmp_path / "shard/log.txt").read_text()
+    assert "train/train-000000.tar" in log and "rebuilding it in place" in log
 
 
-def test_a_truncated_manifest_is_one_clear_line(tmp_path):
+def test_a_truncated_manifest_is_one_clear_line_and_rebuilt_by_a_rerun(tmp_path):
     run_tokenizer(tmp_path, "--stages", "shard")
     manifest = tmp_path / "shard/manifest.json"
-    manifest.write_bytes(manifest.read_bytes()[:100])
+    original = manifest.read_bytes()
+    manifest.write_bytes(original[:100])
     with pytest.raises(CorruptFileError, match="manifest.json is not valid JSON"):
         read_json(manifest)
-    out = run_tokenizer(tmp_path, check=False)
-    assert "manifest.json" in one_error_line(out)
+    verify = tessera("verify", str(tmp_path), check=False)
+    assert verify.returncode == 1 and "manifest.json" in verify.stdout
+    out = run_tokenizer(tmp_path, "--stages", "shard")
+    assert "shard: done" in out.stdout and manifest.read_bytes() == original
 
 
 def test_a_config_a_later_stage_rejects_fails_before_any_stage_runs(tmp_path):

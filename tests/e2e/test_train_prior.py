@@ -93,12 +93,13 @@ def test_exported_prior_loads_into_a_fresh_model_with_identical_outputs(referenc
     assert samples.shape == (2, 8, 8, 4) and int(samples.max()) < 32
 
 
-def run_prior_signalled(run_dir, at_step, sig, *extra, nproc=1):
+def run_prior_signalled(run_dir, at_step, sig, *extra, nproc=1, **harness):
     """train_prior with `sig` sent after step `at_step`: by rank 0, or by every rank for SIGKILL (as
     a node failure would take them all)."""
     return run_signalled("train_prior", at_step, sig, "run", "configs/demo-rq.yaml", "--run-dir", str(run_dir),
                          "--stages", "train_prior", *CODES, *PRIOR, *extra,
-                         rank=None if sig == signal.SIGKILL else 0, nproc=nproc, script_dir=Path(run_dir).parent)
+                         rank=None if sig == signal.SIGKILL else 0, nproc=nproc, script_dir=Path(run_dir).parent,
+                         **harness)
 
 
 def test_zero2_kill_and_resume_is_bitwise_equal(reference_zero2, codes_run, tmp_path):
@@ -172,6 +173,57 @@ def test_signal_checkpoints_exit_3_and_incomplete_newest_falls_back(codes_run, t
     log = (run_dir / "train_prior/log.txt").read_text()
     assert "step_00000006 skipped" in log and "resumed from checkpoint at step 4" in log
     assert done(run_dir)["counts"]["steps"] == 8
+
+
+def test_signal_to_the_process_group_stops_quietly(codes_run, tmp_path):
+    """SLURM signals the whole process group: the stage checkpoints and exits 3, and neither it nor
+    its helper processes (multiprocessing's resource tracker of the streaming reader) print a
+    traceback or a leak warning."""
+    run_dir = fresh(codes_run, tmp_path)
+    args = ("prior_train.steps=8", "prior_train.checkpoint_every=4")
+    out = run_prior_signalled(run_dir, 5, signal.SIGUSR1, *args, group=True)
+    assert out.returncode == 3 and "SIGUSR1 received: checkpoint saved at step 5" in out.stderr
+    assert "Traceback" not in out.stderr and "resource_tracker" not in out.stderr, out.stderr[-3000:]
+    run_prior(run_dir, *args)
+    assert done(run_dir)["counts"]["steps"] == 8
+
+
+def test_signal_during_the_final_evaluation_stops_at_once(codes_run, tmp_path):
+    """After the final checkpoint a signal is not left for a step boundary that never comes: the
+    evaluation stops at once with exit 3, and the rerun evaluates from that checkpoint."""
+    run_dir = fresh(codes_run, tmp_path)
+    args = ("prior_train.steps=4", "prior_train.checkpoint_every=4", "prior_train.engine=ddp")
+    out = run_prior_signalled(run_dir, 4, signal.SIGTERM, *args, group=True, phase="eval")
+    assert out.returncode == 3 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "SIGTERM received during the evaluation after the final checkpoint (step 4)" in out.stderr
+    assert not (run_dir / "train_prior/done.json").exists()
+    run_prior(run_dir, *args)
+    assert "resumed from checkpoint at step 4" in (run_dir / "train_prior/log.txt").read_text()
+    assert done(run_dir)["counts"]["steps"] == 4
+
+
+def scalar_steps(run_dir, tag: str) -> list[int]:
+    """The steps of one TensorBoard scalar as TensorBoard shows them (purged events dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir) / "tensorboard" / "train_prior"), purge_orphaned_data=True)
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+def test_tensorboard_has_each_step_once_after_a_kill_and_resume(codes_run, tmp_path):
+    """Killed after step 5 (checkpoint at 3; steps 4-5 already logged and flushed by the eval at 4):
+    the resumed run logs 4-8 again, and TensorBoard shows every step once."""
+    run_dir = fresh(codes_run, tmp_path)
+    args = ("prior_train.steps=8", "prior_train.checkpoint_every=3", "prior_train.engine=ddp",
+            "prior_train.log_every=1", "prior_train.eval_every=4")
+    out = run_prior_signalled(run_dir, 5, signal.SIGKILL, *args)
+    assert out.returncode != 0
+    assert scalar_steps(run_dir, "eval/val_loss") == [4]
+    run_prior(run_dir, *args)
+    assert "resumed from checkpoint at step 3" in (run_dir / "train_prior/log.txt").read_text()
+    assert scalar_steps(run_dir, "train/loss") == list(range(1, 9))
+    assert scalar_steps(run_dir, "eval/val_loss") == [4, 8]
 
 
 def test_config_mistakes_are_clear(codes_run, tmp_path):

@@ -123,3 +123,13 @@ def test_missing_shard_and_missing_manifest_are_named(shard_dirs, tmp_path):
         make_image_loader(copy, "val", 4)
     with pytest.raises(ShardIntegrityError, match="no shard manifest"):
         make_image_loader(tmp_path / "nowhere", "train", 4)
+
+
+def test_an_mds_shard_that_lost_a_file_is_reported_missing_files_not_corrupted(shard_dirs, tmp_path):
+    import shutil
+
+    copy = tmp_path / "shard"
+    shutil.copytree(shard_dirs["mds"], copy)
+    os.remove(copy / "train/train-000001/shard.00000.mds")
+    with pytest.raises(ShardIntegrityError, match=r"shard train/train-000001 .* is missing files: \d+ of the \d+ bytes"):
+        verify_shards(copy / "manifest.json")

@@ -2,12 +2,15 @@
 --dry-run`, the sbatch chain's argv (user values never pass through a shell), the requeue bound of
 a job, and `--executor local`. The real-cluster tests are in test_slurm_cluster.py."""
 import json
+import os
 import pickle
 import shlex
+import subprocess
+import sys
 
 import pytest
 
-from testkit import TINY_TOKENIZER, tessera
+from testkit import REPO, TINY_TOKENIZER, tessera
 from launchers.graph import build_graph, job_spec
 from launchers.stage_job import StageJob
 from launchers.sbatch_chain import sbatch_command
@@ -119,3 +122,22 @@ def test_local_executor_runs_array_tasks_like_one_task(tmp_path):
     assert (local / "shard" / "manifest.json").read_bytes() == (single / "shard" / "manifest.json").read_bytes()
     assert "nothing to submit" in tessera("submit", "configs/demo-rq.yaml", "--run-dir", str(local), "--stages",
                                           "shard", "--executor", "local", *run).stdout
+
+
+@pytest.mark.parametrize("name", ["run\ntouch PWNED", "esc\x1b[31m"])
+def test_run_dir_with_control_characters_is_refused_everywhere(tmp_path, name):
+    run_dir = tmp_path / name
+    for argv in (["submit", "configs/demo-rq.yaml", "--run-dir", str(run_dir), "--dry-run"],
+                 ["run", "configs/demo-rq.yaml", "--run-dir", str(run_dir), "--stages", "shard"]):
+        out = tessera(*argv, check=False)
+        assert out.returncode == 2 and "control character" in out.stderr and "Traceback" not in out.stderr
+    chain = subprocess.run([sys.executable, "-m", "launchers.sbatch_chain", "configs/demo-rq.yaml", str(run_dir)],
+                           cwd=REPO, capture_output=True, text=True)
+    assert chain.returncode == 2 and "control character" in chain.stderr
+    # The stage scripts refuse it before anything runs (srun is never reached: it is not installed here).
+    script = (f"source launchers/slurm/common.sh; srun() {{ touch {shlex.quote(str(tmp_path / 'RAN'))}; }}; "
+              f"tessera_stage shard configs/demo-rq.yaml \"$RUN_DIR\"")
+    shell = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True,
+                           env={**os.environ, "RUN_DIR": str(run_dir)})
+    assert shell.returncode == 2 and "control character" in shell.stderr
+    assert not (tmp_path / "RAN").exists() and not run_dir.exists() and not (REPO / "PWNED").exists()
