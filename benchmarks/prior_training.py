@@ -98,7 +98,8 @@ def run_stage_mode(args) -> list[dict]:
                 wall = time.perf_counter() - start
                 tok = scalar_values(run / "tensorboard" / "train_prior", "train/tokens_per_s")[args.warmup:]
                 row = {"mode": "stage", "zero_stage": zero, "processes": nproc, "nodes": args.slurm_nodes or 1,
-                       "launcher": "tessera submit (SLURM)" if args.slurm_nodes else "torchrun", "batch": args.batch_size,
+                       "launcher": "tessera submit (SLURM)" if args.slurm_nodes else "torchrun",
+                       "batch": args.batch_size,
                        "steps_timed": len(tok), "tokens_per_s": statistics.median(tok) if tok else None,
                        "stage_wall_s": round(wall, 1)}
                 print(json.dumps(row), flush=True)

@@ -98,7 +98,8 @@ def job_spec(cfg: Config, stage: str, depends_on: list[str] | None = None) -> Jo
     res = getattr(launcher, stage)
     if res.array_tasks > 1 and stage not in DATA_PARALLEL_STAGES:
         raise ConfigError(f"launcher.{stage}.array_tasks: only {', '.join(DATA_PARALLEL_STAGES)} run as job arrays; "
-                          f"{stage} runs {'one rank per GPU on each node' if stage in TRAINING_STAGES else 'as one job'}"
+                          f"{stage} runs "
+                          f"{'one rank per GPU on each node' if stage in TRAINING_STAGES else 'as one job'}"
                           f" (use nodes / gpus_per_node / tasks_per_node)")
     return JobSpec(
         stage=stage, depends_on=list(depends_on or []), nodes=res.nodes,

@@ -95,7 +95,8 @@ class StageJob(submitit.helpers.Checkpointable):
             job_env = submitit.JobEnvironment()
             if job_env.num_tasks > 1:
                 env.update(RANK=str(job_env.global_rank), WORLD_SIZE=str(job_env.num_tasks),
-                           LOCAL_RANK=str(job_env.local_rank), LOCAL_WORLD_SIZE=str(job_env.num_tasks), MASTER_ADDR="127.0.0.1",
+                           LOCAL_RANK=str(job_env.local_rank), LOCAL_WORLD_SIZE=str(job_env.num_tasks),
+                           MASTER_ADDR="127.0.0.1",
                            MASTER_PORT=str(self.local_port or 29500))
         return env
 

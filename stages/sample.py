@@ -115,8 +115,8 @@ class SampleJob:
         opts = sampling_options(sc)
         fingerprints = {"prior_sha256": sha256_file(prior_dir / PRIOR_WEIGHTS),
                         "tokenizer_sha256": sha256_file(tok_dir / TOKENIZER_WEIGHTS)}
-        plan_id = sha256_json({**fingerprints, "seed": ctx.cfg.seed, "sampling": vars(opts), "batch_size": sc.batch_size,
-                               "device": ctx.device.type})
+        plan_id = sha256_json({**fingerprints, "seed": ctx.cfg.seed, "sampling": vars(opts),
+                               "batch_size": sc.batch_size, "device": ctx.device.type})
         return cls(prior, tokenizer, opts, plan, plan_id, N, prior.num_classes, tokenizer.resolution, sc.batch_size,
                    ctx.cfg.seed, sc.grid_classes, fingerprints)
 
@@ -137,7 +137,7 @@ class SampleJob:
         rows = min(self.grid_classes, self.num_classes) if self.num_classes else 1
         wanted = {}
         for chunk in chunks:
-            for index, image, label in read_sample_chunk(chunk):
+            for _index, image, label in read_sample_chunk(chunk):
                 key = label if self.num_classes else 0
                 if key < rows and len(wanted.setdefault(key, [])) < GRID_COLUMNS:
                     wanted[key].append(image)

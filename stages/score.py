@@ -21,7 +21,6 @@ import torch
 from pipeline.evaluation.inception import UNCALIBRATED, load_inception
 from pipeline.evaluation.reference_stats import split_reference
 from pipeline.evaluation.scoring import leaderboard_row, reference_from_npz, score_samples
-from pipeline.runtime.validate import check_reference_archive, check_sample_archive
 from pipeline.generation.sample_files import iter_npz_images
 from pipeline.runner.artifacts import PRIOR_CONFIG
 from pipeline.runner.rundir import RunDir
@@ -29,6 +28,7 @@ from pipeline.runner.stage import StageContext, StageError, StageResult
 from pipeline.runner.units import MANIFEST_NAME
 from pipeline.runtime.dist import broadcast_object
 from pipeline.runtime.io import atomic_path, atomic_write_json, read_json, sha256_file
+from pipeline.runtime.validate import check_reference_archive, check_sample_archive
 
 NAME = "score"
 INPUTS = {"sample": ("samples.npz",)}
@@ -55,7 +55,8 @@ def shard_manifest(run: RunDir) -> Path:
     path = run.stage_dir("shard") / MANIFEST_NAME
     if not path.is_file():
         raise StageError(f"score.reference is empty, so the reference is the run's own shards, and there are none "
-                         f"({path}); run the shard stage or set score.reference=/path/to/VIRTUAL_imagenet256_labeled.npz")
+                         f"({path}); run the shard stage or set "
+                         "score.reference=/path/to/VIRTUAL_imagenet256_labeled.npz")
     return path
 
 

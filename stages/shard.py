@@ -28,7 +28,8 @@ NAME = "shard"
 INPUTS: dict = {}  # the first stage: its inputs are the source's images (external_inputs)
 # Config fields that change the shard bytes; the reader-only ones (hflip, num_workers...) do not.
 SHARD_FIELDS = ("source", "root", "resolution", "num_classes", "num_train", "num_val", "val_fraction", "format",
-                "image_encoding", "synthetic_style", "wds_train", "wds_val", "wds_image_key", "wds_label_key", "wds_mode")
+                "image_encoding", "synthetic_style", "wds_train", "wds_val", "wds_image_key", "wds_label_key",
+                "wds_mode")
 LOAD_CHUNK = 32  # images decoded/rendered per pool task (bounds memory, keeps numpy batched)
 
 

@@ -33,7 +33,8 @@ def check_config(cfg) -> None:
     p = cfg.prior
     if p.num_classes and p.num_classes != cfg.data.num_classes:
         raise ConfigError(f"prior.num_classes: {p.num_classes} differs from data.num_classes "
-                          f"({cfg.data.num_classes}); set it to {cfg.data.num_classes}, or 0 for an unconditional prior")
+                          f"({cfg.data.num_classes}); set it to {cfg.data.num_classes}, "
+                          "or 0 for an unconditional prior")
     tc = cfg.prior_train
     if tc.targets == "soft" and not cfg.precompute.store_latents:
         raise ConfigError("prior_train.targets: soft targets need the latents: set precompute.store_latents=true "

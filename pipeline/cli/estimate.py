@@ -130,7 +130,8 @@ def format_estimate(result: dict, preset: str) -> str:
              "", "model states per GPU (bf16 weights + grads, fp32 master + AdamW moments):",
              f"  {'ZeRO':>4}  {'offload':<17} {'GPU GiB':>9} {'CPU GiB/rank':>13}"]
     for r in result["rows"]:
-        lines.append(f"  {r.zero_stage:>4}  {r.offload:<17} {r.gpu_model_states_gib:>9.2f} {r.cpu_model_states_gib:>13.2f}")
+        lines.append(f"  {r.zero_stage:>4}  {r.offload:<17} {r.gpu_model_states_gib:>9.2f} "
+                     f"{r.cpu_model_states_gib:>13.2f}")
     a = result["activations_gib"]
     lines += ["", f"activations per GPU at the micro-batch: {a[False]:.2f} GiB without activation checkpointing, "
                   f"{a[True]:.2f} GiB with it"]

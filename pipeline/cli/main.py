@@ -9,7 +9,8 @@
     tessera config [CONFIG] [key=value ...] [--keys]
     tessera estimate CONFIG [--world-size N] [--gpu-memory-gb G] [key=value ...]
     tessera score --samples X.npz --ref REF.npz [--out DIR] [--metrics fid,isc,kid,prc] [--inception-weights P]
-    tessera import rq-official --stage1 DIR [--stage2 DIR] --run-dir RUN_DIR [--config CONFIG] [--ema] [--force] [k=v ...]
+    tessera import rq-official --stage1 DIR [--stage2 DIR] --run-dir RUN_DIR [--config CONFIG] [--ema] [--force]
+                               [k=v ...]
     tessera --version
 """
 from __future__ import annotations
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--stages", default=None, help="comma-separated subset of stages (default: all implemented)")
 
     p_stage = sub.add_parser("stage", help="run one stage (single process, torchrun or srun ranks)", epilog=EPILOG)
-    p_stage.add_argument("name", help="stage name: shard, train_tokenizer, precompute_codes, train_prior, sample, score")
+    p_stage.add_argument("name",
+                         help="stage name: shard, train_tokenizer, precompute_codes, train_prior, sample, score")
     _add_common(p_stage)
     p_stage.add_argument("--num-tasks", type=int, default=None, help="array tasks sharing this stage (SLURM arrays)")
     p_stage.add_argument("--task-id", type=int, default=None, help="this task's index in [0, num-tasks)")
@@ -339,8 +341,9 @@ def cmd_score(args) -> int:
     return 0
 
 
-COMMANDS = {"estimate": cmd_estimate, "score": cmd_score, "run": cmd_run, "stage": cmd_stage, "status": cmd_status, "verify": cmd_verify, "config": cmd_config,
-            "import": cmd_import, "submit": cmd_submit, "cancel": cmd_cancel}
+COMMANDS = {"estimate": cmd_estimate, "score": cmd_score, "run": cmd_run, "stage": cmd_stage, "status": cmd_status,
+            "verify": cmd_verify, "config": cmd_config, "import": cmd_import, "submit": cmd_submit,
+            "cancel": cmd_cancel}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,15 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runner.lock import describe_holder, live_holder
-from ..runtime.progress import format_duration
 from ..runner.rundir import RunDir
+from ..runtime.progress import format_duration
 from ..train.checkpoint import CheckpointManager
 
-
 # Shown first when a stage reports them (done.json stores keys sorted, which would bury them).
-KEY_METRICS = ("psnr", "rfid", "rfid_uncalibrated", "class_acc_reconstructions", "class_acc_originals", "psnr_baseline_mean_colour",
-               "psnr_baseline_downsample", "fid", "fid_uncalibrated", "inception_score", "classifier_accuracy_samples",
-               "val_loss", "images_per_s", "tokenizer_eval_psnr")
+KEY_METRICS = ("psnr", "rfid", "rfid_uncalibrated", "class_acc_reconstructions", "class_acc_originals",
+               "psnr_baseline_mean_colour", "psnr_baseline_downsample", "fid", "fid_uncalibrated", "inception_score",
+               "classifier_accuracy_samples", "val_loss", "images_per_s", "tokenizer_eval_psnr")
 _KEY_RANK = {key: i for i, key in enumerate(KEY_METRICS)}
 
 

@@ -70,7 +70,8 @@ class DataConfig:
 
     def validate(self, path: str) -> None:
         if self.source == "imagefolder" and not self.root:
-            raise ConfigError(f"{path}.root: required when {path}.source is 'imagefolder' (path to the ImageFolder tree).")
+            raise ConfigError(f"{path}.root: required when {path}.source is 'imagefolder' "
+                              "(path to the ImageFolder tree).")
         if self.source == "webdataset" and not self.wds_train:
             raise ConfigError(f"{path}.wds_train: required when {path}.source is 'webdataset' (brace pattern of the "
                               f"train shards, e.g. /data/in-{{000000..000099}}.tar).")

@@ -99,7 +99,7 @@ def make_views(images_BCHW: torch.Tensor, augment: str, crop_range: float) -> li
         m, c = S - R, int(round((S - R) / 2.0))
         offsets = [(0, 0), (0, m), (m, 0), (m, m), (c, c)]
         for source in (big, big.flip(-1)):
-            views.extend(source[..., t:t + R, l:l + R] for t, l in offsets)
+            views.extend(source[..., top:top + R, left:left + R] for top, left in offsets)
     return views
 
 

@@ -10,9 +10,9 @@ import json
 import os
 from pathlib import Path
 
+from ..runner.units import MANIFEST_NAME, Unit, unit_digest
 from ..runtime.errors import StageError
 from ..runtime.io import atomic_write_json, atomic_write_text, read_json
-from ..runner.units import MANIFEST_NAME, Unit, unit_digest
 
 REJECTED_NAME = "rejected.jsonl"
 MANIFEST_VERSION = 1

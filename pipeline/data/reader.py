@@ -106,7 +106,8 @@ class ShardedImageDataset(Dataset):
                  hflip: bool = False, verify: bool = True):
         manifest, root = load_manifest(manifest_path)
         if split not in manifest["splits"]:
-            raise ShardIntegrityError(f"split {split!r} is not in {root}/manifest.json (has {sorted(manifest['splits'])})")
+            raise ShardIntegrityError(f"split {split!r} is not in {root}/manifest.json "
+                                      f"(has {sorted(manifest['splits'])})")
         if indexes_urls(manifest):
             raise ShardIntegrityError(
                 f"{root}/manifest.json indexes webdataset shards by URL (data.wds_mode=index), which can only be "
@@ -135,8 +136,8 @@ class ShardedImageDataset(Dataset):
         unit = self._units[unit_id]
         if len(unit) != self._counts[unit_id]:
             raise ShardIntegrityError(f"shard {unit.path} holds {len(unit)} samples, the manifest says "
-                                      f"{self._counts[unit_id]}; rerun the shard stage with --force (it rewrites only the "
-                                      f"shards that fail their check)")
+                                      f"{self._counts[unit_id]}; rerun the shard stage with --force (it rewrites "
+                                      f"only the shards that fail their check)")
         return unit.get(index - int(self._offsets[unit_id]))
 
     def __getitem__(self, item) -> tuple[torch.Tensor, int, str]:

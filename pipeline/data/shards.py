@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from ..runtime.io import atomic_path
 from ..runner.units import Unit
+from ..runtime.io import atomic_path
 from .images import LoadedImage, encode_image
 
 IMAGE_EXTENSION = {"png": "png", "jpeg": "jpg"}

@@ -60,7 +60,8 @@ class ImageFolderSource:
             self.class_names = _class_folders(self.root / "train")
             unknown = sorted(set(_class_folders(self.root / "val")) - set(self.class_names))
             if unknown:
-                raise ConfigError(f"data.root: {self.root / 'val'} has class folders missing from train/: {unknown[:5]}")
+                raise ConfigError(f"data.root: {self.root / 'val'} has class folders missing from train/: "
+                                  f"{unknown[:5]}")
             files = {split: _scan(self.root, Path(split), self.class_names) for split in SPLITS}
         else:  # one tree (root/ or root/train/ alone): hold out a seeded val fraction
             tree = Path("train") if (self.root / "train").is_dir() else Path(".")

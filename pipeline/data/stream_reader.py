@@ -49,6 +49,7 @@ from .manifest import ShardIntegrityError, load_manifest, verify_shards
 from .shards import IMAGE_EXTENSION
 from .urls import FetchOptions, fetch_options, read_shard_samples
 
+
 @dataclass(frozen=True)
 class StreamShard:
     position: int         # place in the manifest's list of this split's shards
@@ -63,7 +64,8 @@ def split_shards(manifest: dict, root, split: str) -> list[StreamShard]:
     shards, first = [], 0
     for position, entry in enumerate(manifest["splits"][split]["shards"]):
         url = entry.get("url") or str(root / entry["name"])
-        shards.append(StreamShard(position, url, entry["count"], entry["sha256"], first, frozenset(entry.get("skip", ()))))
+        shards.append(StreamShard(position, url, entry["count"], entry["sha256"], first,
+                                  frozenset(entry.get("skip", ()))))
         first += entry["count"]
     return shards
 

@@ -60,7 +60,8 @@ def label_of(index: np.ndarray | int, num_classes: int):
 
 def _image_uniforms(seed: int, split: str, indices: np.ndarray) -> np.ndarray:
     code = split_code(split)
-    return np.stack([np.random.default_rng([seed, code, int(i)]).random(_NUM_PARAMS) for i in indices]).astype(np.float32)
+    params = [np.random.default_rng([seed, code, int(i)]).random(_NUM_PARAMS) for i in indices]
+    return np.stack(params).astype(np.float32)
 
 
 def render(seed: int, split: str, indices, resolution: int, num_classes: int,

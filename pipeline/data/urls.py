@@ -21,8 +21,8 @@ the URL.
 from __future__ import annotations
 
 import hashlib
-import tarfile
 import logging
+import tarfile
 import time
 from dataclasses import dataclass
 from typing import Iterator

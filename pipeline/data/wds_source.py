@@ -25,11 +25,11 @@ import warnings
 
 from PIL import Image
 
-from ..runtime.io import atomic_write_json, sha256_json
-from ..runtime.errors import StageError
 from ..runner.units import Unit
-from .shards import encode_loaded, write_shard
+from ..runtime.errors import StageError
+from ..runtime.io import atomic_write_json, sha256_json
 from .images import LoadedImage, center_crop_resize
+from .shards import encode_loaded, write_shard
 from .stream_reader import webdataset_label
 from .urls import expand_shard_urls, fetch_options, read_shard_samples
 

@@ -21,9 +21,9 @@ from ..evaluation.metrics import psnr_per_image
 from ..models.dq_order import dq_codes_from_tokens
 from ..runner.artifacts import TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, load_tokenizer
 from ..runner.units import Unit
+from ..runtime.cpus import capped_workers
 from ..runtime.dist import resolve_precision
 from ..runtime.errors import StageError
-from ..runtime.cpus import capped_workers
 from ..runtime.io import read_json, sha256_file, sha256_json
 
 MANIFEST_VERSION = 1
@@ -195,7 +195,8 @@ class CodesJob:
         psnr_stored = float(psnr_per_image(torch.cat(recon_stored), images_BCHW).mean())
         psnr_direct = float(psnr_per_image(torch.cat(recon_direct), images_BCHW).mean())
         mismatch = min(1.0, mismatched / max(tokens, 1))
-        if mismatch > _MAX_TOKEN_MISMATCH[self.precision] or abs(psnr_stored - psnr_direct) > _MAX_PSNR_GAP_DB[self.precision]:
+        psnr_gap = abs(psnr_stored - psnr_direct)
+        if mismatch > _MAX_TOKEN_MISMATCH[self.precision] or psnr_gap > _MAX_PSNR_GAP_DB[self.precision]:
             raise StageError(
                 f"precompute_codes: verification failed on {n} {split} images: stored codes differ from a fresh "
                 f"encode in {mismatch:.2%} of tokens (allowed {_MAX_TOKEN_MISMATCH[self.precision]:.2%}), PSNR of "

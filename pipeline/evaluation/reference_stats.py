@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from ..generation.decode import to_uint8
-from .inception import inception_features
 from ..runtime.errors import StageError
 from ..runtime.io import atomic_write_json, read_json, sha256_file
+from .inception import inception_features
 from .scoring import reference_from_npz, save_reference
 
 FOLDER = "inception"  # RUN_DIR/inception/reference-<split>[-first<N>].npz + .json (its key)
@@ -103,8 +103,8 @@ def reconstruction_fid(tokenizer, run_dir: str | Path, manifest: str | Path, ext
     was_training = tokenizer.training
     tokenizer.eval()
     try:
-        features = inception_features(extractor, reconstruction_blocks(tokenizer, manifest, split, count, batch, device),
-                                      total=count, desc="rFID reconstructions")
+        blocks = reconstruction_blocks(tokenizer, manifest, split, count, batch, device)
+        features = inception_features(extractor, blocks, total=count, desc="rFID reconstructions")
     finally:
         tokenizer.train(was_training)
     fid = compute_metrics(features, reference, ["fid"], source=source)

@@ -19,9 +19,9 @@ import torch
 
 from ..generation.sample_files import iter_npz_images, read_npz_header
 from ..runtime.errors import StageError
+from ..runtime.io import atomic_path
 from ..runtime.validate import check_reference_archive
 from .inception import UNCALIBRATED, inception_features
-from ..runtime.io import atomic_path
 
 METRIC_NAMES = {"fid": ("fid",), "isc": ("inception_score", "inception_score_std"), "kid": ("kid", "kid_std"),
                 "prc": ("precision", "recall")}
@@ -102,7 +102,8 @@ def compute_metrics(features: dict[str, torch.Tensor], reference: dict | None, m
         elif reference is None:
             raise StageError(f"metric {metric!r} needs a reference")
         elif metric == "fid":
-            values = (fid_statistics_to_metric(statistics(feats), reference, verbose=False)["frechet_inception_distance"],)
+            fid = fid_statistics_to_metric(statistics(feats), reference, verbose=False)
+            values = (fid["frechet_inception_distance"],)
         else:
             if "features" not in reference:
                 raise StageError(f"metric {metric!r} needs reference features, and {reference['source']} has only "

@@ -12,9 +12,10 @@ fingerprints. The config it reads is declared on the config keys themselves (opt
 in pipeline/config): the runner hashes exactly the keys that name the stage. Optional:
 `external_inputs(ctx)` (fingerprints of what it reads from outside the run: source images, a
 reference file), `check_inputs(ctx)` (raises StageError for a bad user-supplied file; run before
-the attempt is recorded, so it does not block the corrected rerun), `check_config(cfg)` (raises ConfigError; run for every stage of `tessera run`
-before the first starts) and `verify_outputs(stage_dir)` (raises StageError; run when a finished
-stage is skipped and by `tessera verify`, after the files done.json hashed were checked).
+the attempt is recorded, so it does not block the corrected rerun), `check_config(cfg)` (raises
+ConfigError; run for every stage of `tessera run` before the first starts) and
+`verify_outputs(stage_dir)` (raises StageError; run when a finished stage is skipped and by
+`tessera verify`, after the files done.json hashed were checked).
 
 The runner does everything around them, identically for every stage:
 
@@ -48,11 +49,11 @@ from ..runtime.dist import DistEnv, barrier, broadcast_object, device_for, init_
 from ..runtime.errors import StageError, describe_os_error
 from ..runtime.io import atomic_write_text, sha256_file, sha256_json
 from ..runtime.logs import setup_logging
+from ..train.signals import Interrupted, Preempted, PreemptionGuard
 from .external_files import check_external_files
 from .lock import StageLock, is_lock_file
 from .repair import describe_discard, rebuild_plan, remedy
 from .rundir import STAGE_NAMES, RunDir
-from ..train.signals import Interrupted, Preempted, PreemptionGuard
 
 # Inputs of a stage made by `tessera import` start with this (the hashes of the imported files).
 IMPORTED_INPUT_PREFIX = "import:"

@@ -11,10 +11,9 @@ import io
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
-
-from contextlib import contextmanager
 
 from .errors import CorruptFileError
 

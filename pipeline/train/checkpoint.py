@@ -141,7 +141,8 @@ class CheckpointManager:
         free = shutil.disk_usage(self.folder).free
         if free < need:
             raise OSError(errno.ENOSPC, f"no space left for a checkpoint: it needs ~{need / 2**20:.1f} MiB "
-                                        f"(the size of step {newest}), {free / 2**20:.1f} MiB are free", str(self.folder))
+                                        f"(the size of step {newest}), {free / 2**20:.1f} MiB are free",
+                          str(self.folder))
 
     def _publish(self, step: int, tmp: Path, meta: dict) -> None:
         for path in tmp.rglob("*"):

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
+from ..models.classifier import ProbeClassifier
 from ..runtime.dist import barrier, is_main_process
 from ..runtime.errors import StageError
 from ..runtime.io import atomic_path, atomic_write_json, read_json, sha256_file
-from ..models.classifier import ProbeClassifier
 from ..runtime.progress import progress
 
 FOLDER, WEIGHTS, META = "classifier", "classifier.safetensors", "classifier.json"

@@ -31,8 +31,13 @@ from ..runtime.io import atomic_write_json, read_json
 from .checkpoint import RECORD
 from .ema import WeightEMA
 from .engine import make_engine
-from .prior_deepspeed import (UNIVERSAL_DONE, make_prior_optimizer, newest_world_size, prior_deepspeed_config,
-                              to_universal)
+from .prior_deepspeed import (
+    UNIVERSAL_DONE,
+    make_prior_optimizer,
+    newest_world_size,
+    prior_deepspeed_config,
+    to_universal,
+)
 from .schedule import warmup_cosine
 from .throughput import device_peak_flops, prior_flops_per_sample
 from .trainer import Trainer

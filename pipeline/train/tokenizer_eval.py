@@ -9,8 +9,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..runtime.io import atomic_path
 from ..evaluation.metrics import downsample_baseline, mean_colour_baseline, psnr_per_image
+from ..runtime.io import atomic_path
 
 
 def code_maps_by_depth(codes) -> list[torch.Tensor]:

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-
 from testkit import TINY_TOKENIZER
+
 from pipeline.config.root import load_config
 from pipeline.data.manifest import ShardIntegrityError, load_manifest
 from pipeline.data.reader import ShardedImageDataset, make_image_loader
@@ -92,7 +92,8 @@ def test_tar_writer_gives_the_bytes_of_fixed_header_tarfile(demo, tmp_path):
     with tarfile.open(rebuilt, "w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o444, 0, 0, "", ""
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
             tar.addfile(info, io.BytesIO(data))
     assert [n for n, _ in members][:3] == ["val_00000000.cls", "val_00000000.json", "val_00000000.png"]
     assert rebuilt.read_bytes() == shard.read_bytes()

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from testkit import REPO, free_port
+
 from pipeline.cli.estimate import memory_setups
 
 pytestmark = pytest.mark.e2e

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from testkit import REPO, TINY_TOKENIZER, tessera
 
 pytestmark = pytest.mark.e2e
@@ -122,7 +121,8 @@ def test_a_kill_inside_each_stage_then_a_rerun_ends_with_the_same_results(finish
     script = tmp_path / "kill_in_stage.py"
     script.write_text(KILL_SCRIPT)
     for stage in STAGES:
-        env = {**os.environ, "KILL_STAGE": stage, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+        env = {**os.environ, "KILL_STAGE": stage, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
         out = subprocess.run([sys.executable, str(script), "run", "configs/demo-rq.yaml", "--run-dir", str(run_dir),
                               *TINY], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == -signal.SIGKILL, (stage, out.stderr[-2000:])

@@ -3,7 +3,6 @@ first stage: exit 2, one line naming the key and the path, nothing written to th
 import resource
 
 import pytest
-
 from testkit import tessera
 
 pytestmark = pytest.mark.e2e

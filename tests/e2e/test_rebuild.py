@@ -5,7 +5,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from testkit import TINY_TOKENIZER, tessera
 
 pytestmark = pytest.mark.e2e

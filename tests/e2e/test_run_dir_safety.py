@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from testkit import REPO, TINY_TOKENIZER, tessera
+
 from pipeline.runtime.errors import CorruptFileError
 from pipeline.runtime.io import read_json
 

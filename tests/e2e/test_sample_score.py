@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from testkit import TINY_TOKENIZER, tessera
 
 pytestmark = pytest.mark.e2e
@@ -195,9 +194,9 @@ def test_rfid_is_the_frechet_distance_of_reconstructions_to_originals(tmp_path):
     from scipy import linalg
 
     from pipeline.data.reader import ShardedImageDataset
-    from pipeline.generation.decode import to_uint8
     from pipeline.evaluation.inception import inception_features, load_inception
     from pipeline.evaluation.reference_stats import reconstruction_fid
+    from pipeline.generation.decode import to_uint8
 
     tessera("stage", "shard", "configs/demo-rq.yaml", "--run-dir", str(tmp_path), *TINY_TOKENIZER, "data.num_val=24")
     manifest = tmp_path / "shard" / "manifest.json"

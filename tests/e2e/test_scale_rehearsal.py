@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from testkit import REPO
 
 pytestmark = pytest.mark.e2e

@@ -64,7 +64,8 @@ def test_two_array_tasks_write_the_same_bytes(reference, tmp_path):
     assert first.status == "task-done" and not (tmp_path / "shard" / "manifest.json").exists()
     second = run_stage("shard", cfg, tmp_path, num_tasks=2, task_id=1)
     assert second.status == "done"
-    assert (tmp_path / "shard" / "manifest.json").read_bytes() == (reference["webdataset"] / "manifest.json").read_bytes()
+    manifest = (tmp_path / "shard" / "manifest.json").read_bytes()
+    assert manifest == (reference["webdataset"] / "manifest.json").read_bytes()
 
 
 KILLED_WRITER = textwrap.dedent("""

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from testkit import REPO, TINY_TOKENIZER, copy_until_prior, require_slurm_cluster, tessera
 
 pytestmark = pytest.mark.e2e

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from testkit import REPO, TINY_TOKENIZER, copy_until_prior, require_slurm_cluster, tessera
 
 pytestmark = pytest.mark.e2e

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-
 from testkit import TINY_TOKENIZER, tessera
 
 pytestmark = pytest.mark.e2e

@@ -6,9 +6,8 @@ import json
 import signal
 
 import pytest
-
-from testkit import tessera
 from test_train_tokenizer import TINY, assert_bitwise_equal, run_tokenizer, run_tokenizer_signalled, weights
+from testkit import tessera
 
 pytestmark = pytest.mark.e2e
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from testkit import REPO, TINY_TOKENIZER, run_signalled, tessera
+
 from pipeline.config.root import load_config
-from pipeline.runner.artifacts import load_prior
 from pipeline.losses.prior_loss import rq_prior_loss, soft_target_cross_entropy
+from pipeline.runner.artifacts import load_prior
 
 pytestmark = pytest.mark.e2e
 
@@ -328,8 +328,8 @@ def test_dq_prior_trains_on_dq_codes(tmp_path):
 
 
 def test_estimate_counts_the_paper_model_and_zero3_shrinks_with_ranks():
-    from pipeline.config.root import load_config
     from pipeline.cli.estimate import estimate, model_state_bytes
+    from pipeline.config.root import load_config
 
     cfg = load_config("configs/imagenet256-rq.yaml", ["prior.preset=rq-1.4b"])
     one, many = estimate(cfg, 8), estimate(cfg, 64)

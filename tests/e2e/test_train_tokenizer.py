@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-
 from testkit import TINY_TOKENIZER, run_signalled, tessera
+
 from pipeline.runner.artifacts import load_tokenizer
 
 TINY = TINY_TOKENIZER

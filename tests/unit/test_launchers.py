@@ -9,11 +9,11 @@ import subprocess
 import sys
 
 import pytest
-
 from testkit import REPO, TINY_TOKENIZER, tessera
+
 from launchers.graph import build_graph, job_spec
-from launchers.stage_job import StageJob
 from launchers.sbatch_chain import sbatch_command
+from launchers.stage_job import StageJob
 from pipeline.config.root import load_config
 from pipeline.config.schema import ConfigError
 
@@ -75,7 +75,8 @@ def test_graph_skips_finished_stages_and_depends_on_submitted_inputs(tmp_path):
 def test_dry_run_prints_the_graph_and_scripts_and_submits_nothing(tmp_path):
     run_dir = tmp_path / NASTY
     out = tessera("submit", "configs/demo-rq.yaml", "--run-dir", str(run_dir), "--dry-run",
-                  "launcher.shard.array_tasks=2", "launcher.setup=[module load x]", "launcher.signal_delay_s=300").stdout
+                  "launcher.shard.array_tasks=2", "launcher.setup=[module load x]",
+                  "launcher.signal_delay_s=300").stdout
     assert "dependency graph" in out and "train_prior       one job, 1 node(s) x 2 rank(s)" in out
     assert "#SBATCH --array=0-1%2" in out and "#SBATCH --dependency='afterok:<shard>'" in out
     assert "#SBATCH --kill-on-invalid-dep=yes" in out and "#SBATCH --signal=USR2@300" in out

@@ -7,12 +7,18 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from testkit import tessera
+
 from pipeline.config.root import load_config
 from pipeline.runner.stage import StageError, run_stage
-from pipeline.runtime.validate import (InputFileError, check_reference_archive, check_sample_archive,
-                                       load_tensor_checkpoint, read_json_mapping, read_yaml_mapping)
+from pipeline.runtime.validate import (
+    InputFileError,
+    check_reference_archive,
+    check_sample_archive,
+    load_tensor_checkpoint,
+    read_json_mapping,
+    read_yaml_mapping,
+)
 
 
 def npz(path, **arrays):
