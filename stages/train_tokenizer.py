@@ -12,7 +12,6 @@ from pipeline.data.loaders import ImageLoaders
 from pipeline.models.registry import build_tokenizer
 from pipeline.runner.artifacts import TOKENIZER_CONFIG, TOKENIZER_WEIGHTS, save_tokenizer
 from pipeline.runner.stage import StageResult
-from pipeline.runtime.cpus import capped_workers
 from pipeline.runtime.dist import barrier
 from pipeline.runtime.io import sha256_file
 from pipeline.runtime.logs import tensorboard_writer
@@ -34,7 +33,7 @@ def check_config(cfg) -> None:
 def run(ctx) -> StageResult:
     cfg = ctx.cfg
     loaders = ImageLoaders(manifest=ctx.input_path("shard", "manifest.json"), env=ctx.env, seed=cfg.seed,
-                           num_workers=capped_workers(cfg.data.num_workers, ctx.logger),
+                           num_workers=cfg.data.num_workers,
                            random_crop=cfg.data.random_crop, hflip=cfg.data.hflip, reader=cfg.data.reader)
     writer = tensorboard_writer(ctx.run_dir, NAME)
     # The guard is up before the (slow) model build, so an early SLURM signal is not fatal.

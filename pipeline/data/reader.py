@@ -14,6 +14,7 @@ Resuming skips the `samples_consumed` first entries of this rank's list for that
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tarfile
 from pathlib import Path
@@ -23,10 +24,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ..runtime.cpus import capped_workers
 from .image_batch import augment_pixels, image_batch
 from .manifest import ShardIntegrityError, load_manifest, verify_shards
 from .shards import IMAGE_EXTENSION
 from .stream_reader import make_stream_loader
+
+_LOG = logging.getLogger("tessera")
 
 
 class _TarUnit:
@@ -229,7 +233,11 @@ def make_image_loader(manifest_or_shard_dir: str | os.PathLike, split: str, batc
 
     reader="indexed": random access, a global permutation per epoch (this module); "stream": the
     webdataset pipeline of pipeline.data.stream_reader, which is also used whatever `reader` says
-    for a manifest that indexes shards by URL (they cannot be read at random)."""
+    for a manifest that indexes shards by URL (they cannot be read at random).
+
+    The indexed reader's batches do not depend on `num_workers`, so it is capped by the cores this
+    rank may use; the stream reader splits shards among its workers, so there the worker count is
+    part of the batch order and is kept as configured (same config, same batches on any machine)."""
     manifest, _ = load_manifest(manifest_or_shard_dir)
     if reader == "stream" or indexes_urls(manifest):
         return make_stream_loader(manifest_or_shard_dir, split, batch_size, rank=rank, world_size=world_size, seed=seed,
@@ -238,4 +246,5 @@ def make_image_loader(manifest_or_shard_dir: str | os.PathLike, split: str, batc
     dataset = ShardedImageDataset(manifest_or_shard_dir, split, seed=seed, random_crop=random_crop, hflip=hflip)
     order = EpochOrder(len(dataset), rank=rank, world_size=world_size, seed=seed, shuffle=shuffle,
                        drop_last=drop_last, batch_size=batch_size)
-    return ResumableImageLoader(dataset, order, batch_size, num_workers=num_workers, epoch=epoch)
+    return ResumableImageLoader(dataset, order, batch_size, num_workers=capped_workers(num_workers, _LOG),
+                                epoch=epoch)
