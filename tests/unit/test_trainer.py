@@ -36,8 +36,14 @@ class ResumableLoader:
 
 
 class RecordingWriter:
+    """The part of the stage's TensorBoard writer a trainer uses, recording what it was given."""
+
     def __init__(self):
         self.scalars = []
+        self.resumed_from = None
+
+    def resume_from(self, step):
+        self.resumed_from = step
 
     def add_scalar(self, tag, value, step):
         self.scalars.append((tag, step))
