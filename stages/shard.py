@@ -175,10 +175,6 @@ class _EncodePool:
                 self.pool.close()
                 self.pool.join()
             else:
-                # Stopped early (an error, a preemption): SIGKILL cannot be lost like terminate()'s
-                # SIGTERM, so no worker is left for the pool's join to wait on.
-                for worker in multiprocessing.active_children():
-                    worker.kill()
                 self.pool.terminate()
         _POOL_SOURCE = None
 
