@@ -184,9 +184,9 @@ def test_two_node_zero3_sbatch_job_requeued_by_scontrol_equals_one_node(codes_on
     subprocess.run(["scontrol", "requeue", job], check=True)
     wait_until(lambda: (run_dir / "train_prior" / "done.json").is_file(), "the requeued job", timeout_s=300)
     output = out.read_text()
-    # Both ranks saved (each prints this line once) and the requeued job resumed on both nodes.
-    # Each rank stops once: in the loop it checkpoints ("TERM received: checkpoint saved"); when the
-    # requeue lands outside it (model build, eval, export) it stops at once and keeps the last checkpoint.
+    # The requeued job resumed on both nodes, and each rank stopped once: in the loop it checkpoints
+    # ("TERM received: checkpoint saved"); when the requeue lands outside it (model build, eval,
+    # export) it stops at once and keeps the last checkpoint.
     assert output.count("TERM received") == 2 and "restart 1" in output, output[-3000:]
     assert "resumed from checkpoint at step" in log.read_text() and hosts_in_log(log.read_text()) == set(NODES)
     assert_bitwise_equal(weights(run_dir), weights(prior_references[3]))
