@@ -14,8 +14,6 @@ shard set) -> webdataset/MDS shards plus RUN_DIR/shard/manifest.json and rejecte
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
-import signal
 
 from pipeline.data import manifest as manifest_lib
 from pipeline.data.shards import encode_loaded, plan_shards, samples_per_shard, write_shard
@@ -24,7 +22,7 @@ from pipeline.runner.stage import StageContext, StageError, StageResult
 from pipeline.runner.units import MANIFEST_NAME, items_and_rate, publish_unit, run_units
 from pipeline.runtime.cpus import usable_cpus
 from pipeline.runtime.io import atomic_write_text, json_bytes, sha256_json
-from pipeline.train.signals import PREEMPTION_SIGNALS
+from pipeline.runtime.pools import end_pool, forked_pool
 
 NAME = "shard"
 INPUTS: dict = {}  # the first stage: its inputs are the source's images (external_inputs)
@@ -167,15 +165,7 @@ class _EncodePool:
 
     def __exit__(self, exc_type, *exc) -> None:
         global _POOL_SOURCE
-        if self.pool is not None:
-            if exc_type is None:
-                # Finished: the workers exit on the pool's sentinel. Not terminate(): its SIGTERM can
-                # reach a worker still starting up, where Python drops a signal that arrives before
-                # the child finished forking, and the join then waits for that worker forever.
-                self.pool.close()
-                self.pool.join()
-            else:
-                self.pool.terminate()
+        end_pool(self.pool, failed=exc_type is not None)
         _POOL_SOURCE = None
 
     def imap(self, chunks):
@@ -183,14 +173,8 @@ class _EncodePool:
             return map(_encode_chunk, chunks)
         if self.pool is None:  # started on first use: a rerun that keeps every shard forks nothing
             # fork: children inherit the source (an ImageNet file list is large to pickle).
-            self.pool = multiprocessing.get_context("fork").Pool(self.processes, initializer=_default_signals)
+            self.pool = forked_pool(self.processes)
         return self.pool.imap(_encode_chunk, chunks)
-
-
-def _default_signals() -> None:
-    """A decode worker dies on the preemption signals (the stage's guard is the parent's business)."""
-    for sig in PREEMPTION_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
 
 
 def _encode_chunk(task) -> list:

@@ -20,7 +20,6 @@ that is not an integer in [0, num_classes)) is skipped and listed in rejected.js
 from __future__ import annotations
 
 import io
-import multiprocessing
 import warnings
 
 from PIL import Image
@@ -28,6 +27,7 @@ from PIL import Image
 from ..runner.units import Unit
 from ..runtime.errors import StageError
 from ..runtime.io import atomic_write_json, sha256_json
+from ..runtime.pools import end_pool, forked_pool
 from .images import LoadedImage, center_crop_resize
 from .shards import encode_loaded, write_shard
 from .stream_reader import webdataset_label
@@ -125,15 +125,14 @@ class ShardSetWriter:
     def __enter__(self) -> "ShardSetWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
+    def __exit__(self, exc_type, *exc) -> None:
+        end_pool(self.pool, failed=exc_type is not None)
 
     def _map(self, tasks):
         if self.processes == 1:
             return map(_process, tasks)
         if self.pool is None:
-            self.pool = multiprocessing.get_context("fork").Pool(self.processes)
+            self.pool = forked_pool(self.processes)
         return self.pool.imap(_process, tasks, chunksize=8)
 
     def write(self, unit: Unit, path) -> dict:
