@@ -9,7 +9,9 @@
 #   and the benchmarks' result files (*.json, with the PNGs beside them): copy those into
 #   benchmarks/results/ and run `python benchmarks/report.py --write BENCHMARKS.md`.
 # Environment: PYTHON (default: .venv/bin/python if present, else python3); SUITE_BUDGET_S (total
-#   seconds for all parts, default 540); TIMEOUT_<PART> overrides one part's limit (seconds).
+#   seconds for all parts, default 540); TIMEOUT_<PART> overrides one part's limit (seconds);
+#   SUITE_PARTS (comma-separated part names, e.g. pytest_gpu,demo_rq_gpu: run only these, to rerun
+#   what a fix touched; default: all).
 # Exit status: 0 when every part passed, or when there is no CUDA device (then nothing runs and
 #   summary.txt says so); 1 when any part failed or ran out of time. A failed part does not stop
 #   the parts after it.
@@ -39,6 +41,9 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 part() {
     local name=$1 limit=$2
     shift 2
+    if [ -n "${SUITE_PARTS:-}" ] && [[ ",$SUITE_PARTS," != *",$name,"* ]]; then
+        return
+    fi
     local override="TIMEOUT_$(echo "$name" | tr '[:lower:]-' '[:upper:]_')"
     limit=${!override:-$limit}
     local left=$(( BUDGET_S - $(elapsed) ))
@@ -120,10 +125,11 @@ EOF
 fi
 
 # 3. A real rq-1.4b training step on one GPU (ZeRO-2, bf16, activation checkpointing, micro-batch 32):
-#    tokens/s, MFU (target >= 45%), peak memory, per attention backend (flash-attn if installed,
-#    SDPA flash, SDPA math).
+#    tokens/s, MFU (target >= 45%), peak memory, forward vs backward + optimizer time, per attention
+#    backend (flash-attn if installed, SDPA flash, SDPA math); the top operators of two profiled steps.
 part bench_prior_step 140 "$PYTHON" benchmarks/prior_training.py step --device cuda --preset rq-1.4b \
-    --micro-batch 32 --steps 4 --warmup 2 --out "$OUT_DIR/prior_training_step_cuda.json"
+    --micro-batch 32 --steps 4 --warmup 2 --out "$OUT_DIR/prior_training_step_cuda.json" \
+    --profile "$OUT_DIR/prior_training_step_profile.txt"
 
 # 4. Codebook-search benchmark at the shapes BENCHMARKS.md lists as pending: N in {65536, 262144,
 #    1048576}, C = 256, fp32 and bf16, one part per K so a slow or failing K keeps the other's table.

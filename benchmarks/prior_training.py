@@ -160,6 +160,32 @@ def backend_context(name: str, model):
             m.use_flash_attn = v
 
 
+def profile_steps(one_step, path: Path, backend: str, steps: int = 2) -> None:
+    """Two more steps under torch.profiler: the top operators by device time and by CPU time, appended
+    to `path` (where a step's time goes when the MFU is low)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            one_step()
+    averages = prof.key_averages()
+    tables = []
+    device_keys = ("device_time_total", "cuda_time_total") if torch.cuda.is_available() else ()
+    for keys in (device_keys, ("cpu_time_total",)):
+        for key in keys:  # the first that this torch version knows
+            try:
+                tables.append(f"--- {backend}: {steps} steps, sorted by {key}\n"
+                              + averages.table(sort_by=key, row_limit=25, max_name_column_width=60))
+                break
+            except (AttributeError, KeyError, ValueError):
+                continue
+    text = "\n".join(tables) + "\n"
+    with open(path, "a") as f:
+        f.write(text)
+    print(text, flush=True)
+
+
 def run_step_mode(args) -> list[dict]:
     from pipeline.config.schema import build_section
     from pipeline.config.sections import PriorTrainConfig
@@ -192,27 +218,42 @@ def run_step_mode(args) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     codes = torch.randint(0, spec.codebook_size, (args.micro_batch, 8, 8, 4), generator=g).to(device)
     labels = torch.randint(0, cfg.num_classes or 1, (args.micro_batch,), generator=g).to(device)
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def one_step() -> tuple[float, float, torch.Tensor]:
+        """(forward seconds, backward + optimizer seconds, loss) of one step. Split there because
+        DeepSpeed's engine runs its optimizer inside backward (the boundary micro-batch)."""
+        sync()
+        t0 = time.perf_counter()
+        engine.zero_grad()
+        with engine.micro_batch(0):
+            with engine.autocast():
+                logits = engine(codes, labels if cfg.num_classes else None)
+            loss, _ = rq_prior_loss(logits, codes)
+            sync()
+            t1 = time.perf_counter()
+            engine.backward(loss)
+        engine.step()
+        sync()
+        return t1 - t0, time.perf_counter() - t1, loss
+
     rows = []
     for backend in attention_backends(args.device):
-        times = []
+        times, forward, backward = [], [], []
         with backend_context(backend, model):
             try:
                 for i in range(args.warmup + args.steps):
                     if device.type == "cuda":
-                        torch.cuda.synchronize()
                         torch.cuda.reset_peak_memory_stats()
-                    t0 = time.perf_counter()
-                    engine.zero_grad()
-                    with engine.micro_batch(0):
-                        with engine.autocast():
-                            logits = engine(codes, labels if cfg.num_classes else None)
-                        loss, _ = rq_prior_loss(logits, codes)
-                        engine.backward(loss)
-                    engine.step()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
+                    a, b, loss = one_step()
                     if i >= args.warmup:
-                        times.append(time.perf_counter() - t0)
+                        times.append(a + b)
+                        forward.append(a)
+                        backward.append(b)
+                if args.profile:
+                    profile_steps(one_step, Path(args.profile), backend)
             except Exception as err:  # noqa: BLE001 - a backend that cannot run this shape is a result too
                 rows.append({"mode": "step", "backend": backend, "error": f"{type(err).__name__}: {err}"[:300]})
                 print(json.dumps(rows[-1]), flush=True)
@@ -222,6 +263,8 @@ def run_step_mode(args) -> list[dict]:
         row = {"mode": "step", "preset": args.preset, "params": n_params, "device": str(device),
                "backend": backend, "zero_stage": args.zero_stage, "grad_checkpointing": bool(args.grad_checkpointing),
                "micro_batch": args.micro_batch, "step_s": round(seconds, 4),
+               "forward_s": round(statistics.median(forward), 4),
+               "backward_optimizer_s": round(statistics.median(backward), 4),
                "tokens_per_s": round(samples_per_s * 8 * 8 * 4, 1), "loss": round(float(loss.detach()), 4)}
         if peak:
             row["mfu"] = round(samples_per_s * flops / (peak * env.world_size), 4)
@@ -255,9 +298,10 @@ def stage_section(rows: list[dict], args: dict) -> dict:
 
 def step_section(rows: list[dict], args: dict) -> dict:
     """One row per attention backend of the bare engine step."""
-    columns = ["backend", "step s", "tokens/s", "MFU", "peak memory GiB", "error"]
-    table = [[r["backend"], r.get("step_s"), r.get("tokens_per_s"), r.get("mfu"), r.get("peak_memory_gib"),
-              r.get("error", "")] for r in rows]
+    columns = ["backend", "step s", "forward s", "backward + optimizer s", "tokens/s", "MFU", "peak memory GiB",
+               "error"]
+    table = [[r["backend"], r.get("step_s"), r.get("forward_s"), r.get("backward_optimizer_s"),
+              r.get("tokens_per_s"), r.get("mfu"), r.get("peak_memory_gib"), r.get("error", "")] for r in rows]
     return {
         "title": f"Prior training throughput: one {args['preset']} step, {args['device'].upper()}",
         "measures": f"One optimizer step after another on synthetic codes through the training engine (no "
@@ -300,6 +344,8 @@ def main() -> None:
     t.add_argument("--code-dim", type=int, default=256)
     t.add_argument("--steps", type=int, default=5)
     t.add_argument("--warmup", type=int, default=2)
+    t.add_argument("--profile", default=None, help="also profile two steps per backend (torch.profiler) and "
+                   "append the top operators by device and CPU time to this text file")
     for q in (s, t):
         q.add_argument("--out", default=None,
                        help="result file (default: benchmarks/results/prior_training_<mode>_<device>.json)")
