@@ -17,7 +17,7 @@ def test_reduced_rehearsal_runs_all_six_stages(tmp_path):
            "--prior", "imagenet256-rq=prior.spatial_layers=1 prior.depth_layers=1", "--no-slices",
            "--work-dir", str(tmp_path / "work"), "--out", str(out_json)]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3000,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     record = json.loads(out_json.read_text())
     result = record["data"]["imagenet256-rq"]

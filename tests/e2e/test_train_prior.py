@@ -316,7 +316,8 @@ def test_soft_targets_equal_cross_entropy_as_tau_goes_to_0(codes_run):
 
 
 def test_dq_prior_trains_on_dq_codes(tmp_path):
-    out = tessera("run", "configs/demo-dq.yaml", "--run-dir", str(tmp_path), *TINY_TOKENIZER,
+    out = tessera("run", "configs/demo-dq.yaml", "--run-dir", str(tmp_path), "--stages",
+                  "shard,train_tokenizer,precompute_codes,train_prior", *TINY_TOKENIZER,
                   "tokenizer_train.steps=6", "prior.preset=dq-demo", "prior.num_classes=10", "prior.embed_dim=32",
                   "prior.position_layers=1", "prior.content_layers=1", "prior_train.steps=6",
                   "prior_train.batch_size=8", "prior_train.eval_images=16", "prior_train.engine=ddp")
