@@ -191,7 +191,8 @@ def section(results: dict, presets: list[str], command: str, per_class: int) -> 
                      "and codebook and a full-width prior, two steps per training stage, on a generated 256 px "
                      "ImageFolder; and one forward+backward of full-width slices of rq-1.4b and rq-3.8b."),
         "command": command,
-        "machine": describe_machine("cpu") + " (2 cores shared with other jobs: seconds are upper bounds)",
+        "machine": describe_machine("cpu") + (f"; load average {os.getloadavg()[0]:.1f} when written (above the cores' "
+                                              "count: shared with other jobs, the seconds are upper bounds)"),
         "tables": [
             {"caption": f"Priors: {priors}. 10 classes x {per_class} images; 8 samples; random LPIPS/Inception "
                         f"weights. The whole run's peak is its largest stage's (memory released between stages).",
