@@ -156,6 +156,14 @@ def slice_forward_backward(name: str) -> dict:
             "peak_rss_gib": round(peak_rss_bytes() / GIB, 2)}
 
 
+def machine_load() -> str:
+    """The load average when the result is written; above the core count other jobs shared the machine."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    shared = " (more than the cores: shared with other jobs, the seconds are upper bounds)" if load > cores + 0.5 \
+        else ""
+    return f"; load average {load:.1f} when written{shared}"
+
+
 def section(results: dict, presets: list[str], command: str, per_class: int) -> dict:
     """The BENCHMARKS.md section (benchmarks/README.md's schema) of what has been measured so far."""
     from report import describe_machine
@@ -191,8 +199,7 @@ def section(results: dict, presets: list[str], command: str, per_class: int) -> 
                      "and codebook and a full-width prior, two steps per training stage, on a generated 256 px "
                      "ImageFolder; and one forward+backward of full-width slices of rq-1.4b and rq-3.8b."),
         "command": command,
-        "machine": describe_machine("cpu") + (f"; load average {os.getloadavg()[0]:.1f} when written (above the cores' "
-                                              "count: shared with other jobs, the seconds are upper bounds)"),
+        "machine": describe_machine("cpu") + machine_load(),
         "tables": [
             {"caption": f"Priors: {priors}. 10 classes x {per_class} images; 8 samples; random LPIPS/Inception "
                         f"weights. The whole run's peak is its largest stage's (memory released between stages).",
