@@ -1,11 +1,10 @@
 """RQ-Transformer: causality, KV-cached generation == full forward, guidance, per-sample seeds,
 preset sizes against the authors' models, and importing a checkpoint in the authors' layout."""
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
+from authors_reference import their_prior_logits, write_their_prior_checkpoint
 
 from pipeline.config.schema import ConfigError, build_section
 from pipeline.generation.rq_sampler import sample_rq, teacher_forced_logits
@@ -116,78 +115,13 @@ def test_unknown_preset_and_bad_heads_are_clear_errors():
         build_prior(build_section(PriorConfig, {"kind": "rq"}, "prior"), CodeSpec("dq", 16, 4, 2, 2))
 
 
-# ---- the authors' checkpoint layout -------------------------------------------------------
-# A re-derivation of their forward pass from `rqvae/models/rqtransformer/{transformers,attentions}.py`,
-# written as plain functions over their state-dict names (their module code is not imported).
-def _their_block(sd, p, x, n_head):
-    def ln(h, name):
-        return F.layer_norm(h, h.shape[-1:], sd[f"{p}.{name}.weight"], sd[f"{p}.{name}.bias"])
-
-    def lin(h, name):
-        return F.linear(h, sd[f"{p}.{name}.weight"], sd[f"{p}.{name}.bias"])
-
-    B, L, E = x.shape
-    h = ln(x, "ln1")
-    q, k, v = (lin(h, f"attn.{n}").view(B, L, n_head, E // n_head).transpose(1, 2) for n in ("query", "key", "value"))
-    att = (q @ k.transpose(-1, -2)) / math.sqrt(E // n_head)
-    att = att.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
-    x = x + lin((att @ v).transpose(1, 2).reshape(B, L, E), "attn.proj")
-    h = F.gelu(lin(ln(x, "ln2"), "mlp.0"))
-    return x + lin(h, "mlp.2")
-
-
-def _their_logits(sd, codes_BHWD, cond_B, book_KC, n_head, n_body, n_head_layers):
-    B, H, W, D = codes_BHWD.shape
-    xs = codes_BHWD.reshape(B, H * W, D)
-    emb = book_KC[xs]                                                  # (B, T, D, C)
-    x_emb = F.linear(emb, sd["input_mlp.weight"], sd["input_mlp.bias"]).sum(-2) + sd["pos_emb_hw"]
-    cond = sd["cond_emb.weight"][cond_B][:, None] + sd["pos_emb_cond"]
-    h = torch.cat([cond, x_emb[:, :-1]], 1)
-    for i in range(n_body):
-        h = _their_block(sd, f"body_transformer.blocks.{i}", h, n_head)
-    depth = F.linear(emb.cumsum(-2), sd["head_mlp.weight"], sd["head_mlp.bias"])
-    z = torch.cat([h[:, :, None], depth[:, :, :-1]], 2).reshape(B * H * W, D, -1) + sd["pos_emb_d"]
-    for i in range(n_head_layers):
-        z = _their_block(sd, f"head_transformer.blocks.{i}", z, n_head)
-    z = F.layer_norm(z, z.shape[-1:], sd["classifier.layer_norm.weight"], sd["classifier.layer_norm.bias"])
-    return F.linear(z, sd["classifier.linear.weight"], sd["classifier.linear.bias"]).view(B, H, W, D, -1)
-
-
-def _write_their_checkpoint(folder, K=40, C=6, E=24, heads=3, body=2, head=2, classes=5, hwd=(2, 3, 3)):
-    g = torch.Generator().manual_seed(0)
-    H, W, D = hwd
-    shapes = {"cond_emb.weight": (classes, E), "pos_emb_cond": (1, 1, E), "pos_emb_hw": (1, H * W, E),
-              "pos_emb_d": (1, D, E), "input_mlp.weight": (E, C), "input_mlp.bias": (E,),
-              "head_mlp.weight": (E, C), "head_mlp.bias": (E,), "classifier.layer_norm.weight": (E,),
-              "classifier.layer_norm.bias": (E,), "classifier.linear.weight": (K, E), "classifier.linear.bias": (K,)}
-    for stack, n in (("body_transformer", body), ("head_transformer", head)):
-        for i in range(n):
-            p = f"{stack}.blocks.{i}"
-            for name in ("ln1", "ln2"):
-                shapes[f"{p}.{name}.weight"], shapes[f"{p}.{name}.bias"] = (E,), (E,)
-            for name in ("key", "query", "value", "proj"):
-                shapes[f"{p}.attn.{name}.weight"], shapes[f"{p}.attn.{name}.bias"] = (E, E), (E,)
-            shapes[f"{p}.mlp.0.weight"], shapes[f"{p}.mlp.0.bias"] = (4 * E, E), (4 * E,)
-            shapes[f"{p}.mlp.2.weight"], shapes[f"{p}.mlp.2.bias"] = (E, 4 * E), (E,)
-    sd = {k: torch.randn(s, generator=g) * 0.3 for k, s in shapes.items()}
-    config = {"dataset": {"vocab_size": K}, "arch": {
-        "type": "rq-transformer", "block_size": list(hwd), "embed_dim": E, "input_embed_dim": C,
-        "shared_tok_emb": True, "shared_cls_emb": True, "input_emb_vqvae": True, "head_emb_vqvae": True,
-        "cumsum_depth_ctx": True, "vocab_size_cond": classes, "block_size_cond": 1,
-        "body": {"n_layer": body, "block": {"n_head": heads}}, "head": {"n_layer": head, "block": {"n_head": heads}}}}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    torch.save({"state_dict": sd, "state_dict_ema": {k: v + 0.01 for k, v in sd.items()}}, folder / "model.pt")
-    return sd, torch.randn(K, C, generator=g)
-
-
 def test_authors_layout_checkpoint_imports_with_identical_logits(tmp_path):
-    sd, book = _write_their_checkpoint(tmp_path / "stage2")
+    sd, book = write_their_prior_checkpoint(tmp_path / "stage2")
     model, cfg, spec = load_rq_official_prior(tmp_path / "stage2", book, ema=False)
     assert (spec.height, spec.width, spec.depth, spec.codebook_size, cfg.num_classes) == (2, 3, 3, 40, 5)
     codes = torch.randint(0, 40, (4, 2, 3, 3), generator=torch.Generator().manual_seed(2))
     labels = torch.tensor([0, 1, 4, 2])
-    expected = _their_logits(sd, codes, labels, book, n_head=3, n_body=2, n_head_layers=2)
+    expected = their_prior_logits(sd, codes, labels, book, n_head=3, n_body=2, n_head_layers=2)
     with torch.no_grad():
         torch.testing.assert_close(model(codes, labels), expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(teacher_forced_logits(model, codes, labels), expected, atol=1e-5, rtol=1e-5)
@@ -196,7 +130,7 @@ def test_authors_layout_checkpoint_imports_with_identical_logits(tmp_path):
 
 
 def test_authors_checkpoint_mismatches_name_the_tensor(tmp_path):
-    sd, book = _write_their_checkpoint(tmp_path / "s")
+    sd, book = write_their_prior_checkpoint(tmp_path / "s")
     for broken, match in ((dict(sd, **{"head_mlp.weight": torch.zeros(3, 3)}), "head_mlp.weight.*\\(3, 3\\)"),
                           ({k: v for k, v in sd.items() if k != "pos_emb_d"}, "missing.*pos_d"),
                           (dict(sd, extra=torch.zeros(1)), "unexpected.*extra")):
