@@ -26,6 +26,29 @@ TINY_TOKENIZER = [
 ]
 
 
+def tokenizer_weights(run_dir) -> dict:
+    """The tensors train_tokenizer exported in `run_dir`."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "train_tokenizer" / "tokenizer.safetensors"))
+
+
+def prior_weights(run_dir) -> dict:
+    """The tensors train_prior exported in `run_dir`."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "train_prior" / "prior.safetensors"))
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    """Two state dicts with the same keys and bit-identical tensors (the first differing key is named)."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (for torchrun's / gloo's rendezvous)."""
     with socket.socket() as s:
@@ -180,3 +203,16 @@ def trace_dq_forward(model, images_BCHW):
     finally:
         del model.route, model.quantizer.forward  # back to the class's methods
     return record, aux
+
+
+def run_tokenizer(run_dir, *extra, config="configs/demo-rq.yaml", **kw):
+    """shard + train_tokenizer on the tiny tokenizer config (`extra`: more overrides)."""
+    return tessera("run", config, "--run-dir", str(run_dir), "--stages", "shard,train_tokenizer", *TINY_TOKENIZER,
+                   *extra, **kw)
+
+
+def run_tokenizer_signalled(run_dir, at_step, sig, *extra, rank=0, nproc=1, config="configs/demo-rq.yaml"):
+    """shard + train_tokenizer with `sig` sent by rank `rank` right after step `at_step`."""
+    return run_signalled("train_tokenizer", at_step, sig, "run", config, "--run-dir", str(run_dir),
+                         "--stages", "shard,train_tokenizer", *TINY_TOKENIZER, *extra, rank=rank, nproc=nproc,
+                         script_dir=Path(run_dir).parent)

@@ -17,8 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from testkit import REPO, TINY_TOKENIZER, copy_until_prior, require_slurm_cluster, tessera
+from testkit import (
+    REPO,
+    TINY_TOKENIZER,
+    assert_bitwise_equal,
+    copy_until_prior,
+    prior_weights,
+    require_slurm_cluster,
+    tessera,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -83,14 +90,8 @@ def outputs(run_dir, stage) -> dict:
     return json.loads((Path(run_dir) / stage / "done.json").read_text())["outputs"]
 
 
-def weights(run_dir) -> dict:
-    return load_file(str(Path(run_dir) / "train_prior" / "prior.safetensors"))
 
 
-def assert_bitwise_equal(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
 def stage_log(run_dir, stage) -> str:
@@ -165,7 +166,7 @@ def test_two_node_zero2_job_preempted_with_usr2_requeues_and_equals_one_node(cod
     events = [json.loads(line) for line in (run_dir / "slurm" / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["requeue"]
     assert "restarts=1 nodes=tessera-n[1-2]" in tessera("status", str(run_dir)).stdout
-    assert_bitwise_equal(weights(run_dir), weights(prior_references[2]))
+    assert_bitwise_equal(prior_weights(run_dir), prior_weights(prior_references[2]))
 
 
 def test_two_node_zero3_sbatch_job_requeued_by_scontrol_equals_one_node(codes_on_two_nodes, prior_references,
@@ -192,7 +193,7 @@ def test_two_node_zero3_sbatch_job_requeued_by_scontrol_equals_one_node(codes_on
     stops = re.findall(r"rank (\d)/2\] WARNING SIGTERM received", output)
     assert sorted(stops) == ["0", "1"] and "restart 1" in output, output[-3000:]
     assert "resumed from checkpoint at step" in log.read_text() and hosts_in_log(log.read_text()) == set(NODES)
-    assert_bitwise_equal(weights(run_dir), weights(prior_references[3]))
+    assert_bitwise_equal(prior_weights(run_dir), prior_weights(prior_references[3]))
 
 
 def node_processes(job: str, node: str) -> list[int]:
@@ -245,7 +246,7 @@ def test_killed_node_fails_the_job_in_time_and_it_resumes_on_one_node_within_tol
     wait_for_jobs(run_dir)
     log = stage_log(run_dir, "train_prior")
     assert "elastic resume" in log and "written by 2 ranks, this run has 1" in log
-    ours, ref = weights(run_dir), weights(prior_references[2])
+    ours, ref = prior_weights(run_dir), prior_weights(prior_references[2])
     for key in ref:
         torch.testing.assert_close(ours[key], ref[key], atol=2e-4, rtol=1e-3)
     done = json.loads((run_dir / "train_prior" / "done.json").read_text())

@@ -6,8 +6,8 @@ import json
 import signal
 
 import pytest
-from test_train_tokenizer import TINY, assert_bitwise_equal, run_tokenizer, run_tokenizer_signalled, weights
-from testkit import tessera
+from testkit import TINY_TOKENIZER as TINY
+from testkit import assert_bitwise_equal, run_tokenizer, run_tokenizer_signalled, tessera, tokenizer_weights
 
 pytestmark = pytest.mark.e2e
 
@@ -49,7 +49,7 @@ def test_preempted_on_one_rank_and_resumed_is_bitwise_equal(references, tmp_path
     assert ds_config["bf16"]["enabled"] is False
     run_tokenizer(tmp_path, *COMMON, *VARIANTS[stage], nproc=2)
     assert "resumed from checkpoint at step 5" in (tmp_path / "train_tokenizer/log.txt").read_text()
-    assert_bitwise_equal(weights(tmp_path), weights(references(stage)))
+    assert_bitwise_equal(tokenizer_weights(tmp_path), tokenizer_weights(references(stage)))
 
 
 def test_killed_then_incomplete_newest_falls_back_and_is_bitwise_equal(references, tmp_path):
@@ -62,7 +62,7 @@ def test_killed_then_incomplete_newest_falls_back_and_is_bitwise_equal(reference
     log = (tmp_path / "train_tokenizer/log.txt").read_text()
     assert "step_00000008 skipped: generator/zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in log
     assert "resumed from checkpoint at step 4" in log
-    assert_bitwise_equal(weights(tmp_path), weights(references(2)))
+    assert_bitwise_equal(tokenizer_weights(tmp_path), tokenizer_weights(references(2)))
 
 
 def test_zero3_with_the_tokenizer_is_a_config_error(tmp_path):

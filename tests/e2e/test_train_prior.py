@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from testkit import REPO, TINY_TOKENIZER, run_signalled, tessera
+from testkit import REPO, TINY_TOKENIZER, assert_bitwise_equal, prior_weights, run_signalled, tessera
 
 from pipeline.config.root import load_config
 from pipeline.losses.prior_loss import rq_prior_loss, soft_target_cross_entropy
@@ -43,18 +42,12 @@ def fresh(codes_run, tmp_path, name="run") -> Path:
     return target
 
 
-def weights(run_dir) -> dict:
-    return load_file(str(Path(run_dir) / "train_prior" / "prior.safetensors"))
 
 
 def done(run_dir) -> dict:
     return json.loads((Path(run_dir) / "train_prior" / "done.json").read_text())
 
 
-def assert_bitwise_equal(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +76,7 @@ def test_exported_prior_loads_into_a_fresh_model_with_identical_outputs(referenc
     from pipeline.generation.rq_sampler import sample_rq
 
     model = load_prior(reference_zero2 / "train_prior")
-    state = weights(reference_zero2)
+    state = prior_weights(reference_zero2)
     assert_bitwise_equal({k: v for k, v in model.state_dict().items()}, state)
     codes = torch.randint(0, 32, (2, 8, 8, 4))
     labels = torch.tensor([1, 2])
@@ -110,7 +103,7 @@ def test_zero2_kill_and_resume_is_bitwise_equal(reference_zero2, codes_run, tmp_
     assert out.returncode != 0 and not (run_dir / "train_prior/done.json").exists()
     run_prior(run_dir, *args, nproc=2)
     assert "resumed from checkpoint at step 4" in (run_dir / "train_prior/log.txt").read_text()
-    assert_bitwise_equal(weights(run_dir), weights(reference_zero2))
+    assert_bitwise_equal(prior_weights(run_dir), prior_weights(reference_zero2))
 
 
 def test_elastic_resume_two_ranks_to_one_keeps_the_data_order(reference_zero2, codes_run, tmp_path):
@@ -124,7 +117,7 @@ def test_elastic_resume_two_ranks_to_one_keeps_the_data_order(reference_zero2, c
     run_prior(run_dir, *args, nproc=1)
     log = (run_dir / "train_prior/log.txt").read_text()
     assert "elastic resume" in log and "written by 2 ranks, this run has 1" in log
-    ours, ref = weights(run_dir), weights(reference_zero2)
+    ours, ref = prior_weights(run_dir), prior_weights(reference_zero2)
     for key in ref:
         torch.testing.assert_close(ours[key], ref[key], atol=2e-4, rtol=1e-3)
     assert abs(done(run_dir)["metrics"]["val_loss"] - done(reference_zero2)["metrics"]["val_loss"]) < 2e-3
@@ -156,7 +149,7 @@ def test_zero_offload_trains_resumes_bitwise_after_a_kill_and_exports(codes_run,
     assert out.returncode != 0 and not (run_dir / "train_prior/done.json").exists()
     run_prior(run_dir, *args, nproc=2)
     assert "resumed from checkpoint at step 4" in (run_dir / "train_prior/log.txt").read_text()
-    assert_bitwise_equal(weights(run_dir), weights(reference))
+    assert_bitwise_equal(prior_weights(run_dir), prior_weights(reference))
     assert all(v.numel() > 0 for v in load_prior(run_dir / "train_prior").state_dict().values())
 
 

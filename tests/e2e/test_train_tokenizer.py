@@ -4,13 +4,18 @@ import json
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
-from testkit import TINY_TOKENIZER, run_signalled, tessera
+from testkit import (
+    TINY_TOKENIZER,
+    assert_bitwise_equal,
+    run_tokenizer,
+    run_tokenizer_signalled,
+    tessera,
+    tokenizer_weights,
+)
 
 from pipeline.runner.artifacts import load_tokenizer
 
@@ -19,13 +24,8 @@ REFERENCE = ["tokenizer_train.steps=12", "tokenizer_train.checkpoint_every=4", "
 pytestmark = pytest.mark.e2e
 
 
-def run_tokenizer(run_dir, *extra, config="configs/demo-rq.yaml", **kw):
-    return tessera("run", config, "--run-dir", str(run_dir), "--stages", "shard,train_tokenizer", *TINY, *extra,
-                   **kw)
 
 
-def weights(run_dir) -> dict:
-    return load_file(str(Path(run_dir) / "train_tokenizer" / "tokenizer.safetensors"))
 
 
 def weights_at_init(run_dir) -> dict:
@@ -38,10 +38,6 @@ def weights_at_init(run_dir) -> dict:
     return build_tokenizer(cfg.tokenizer, cfg.data.resolution).state_dict()
 
 
-def assert_bitwise_equal(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +81,9 @@ def test_kill_and_resume_is_bitwise_equal(reference_run, tmp_path):
     out = run_tokenizer(tmp_path, "tokenizer_train.steps=12", "tokenizer_train.checkpoint_every=4")
     assert "resumed from checkpoint" in (tmp_path / "train_tokenizer/log.txt").read_text()
     assert "train_tokenizer: done" in out.stdout
-    assert_bitwise_equal(weights(tmp_path), weights(reference_run))
+    assert_bitwise_equal(tokenizer_weights(tmp_path), tokenizer_weights(reference_run))
 
 
-def run_tokenizer_signalled(run_dir, at_step, sig, *extra, rank=0, nproc=1, config="configs/demo-rq.yaml"):
-    """shard + train_tokenizer with `sig` sent by rank `rank` right after step `at_step`."""
-    return run_signalled("train_tokenizer", at_step, sig, "run", config, "--run-dir", str(run_dir),
-                         "--stages", "shard,train_tokenizer", *TINY, *extra, rank=rank, nproc=nproc,
-                         script_dir=Path(run_dir).parent)
 
 
 def test_preemption_signal_checkpoints_and_resumes(reference_run, tmp_path):
@@ -105,7 +96,7 @@ def test_preemption_signal_checkpoints_and_resumes(reference_run, tmp_path):
     assert not (tmp_path / "train_tokenizer/done.json").exists()
     run_tokenizer(tmp_path, "tokenizer_train.steps=12", "tokenizer_train.checkpoint_every=4")
     assert "resumed from checkpoint at step 5" in (tmp_path / "train_tokenizer/log.txt").read_text()
-    assert_bitwise_equal(weights(tmp_path), weights(reference_run))
+    assert_bitwise_equal(tokenizer_weights(tmp_path), tokenizer_weights(reference_run))
 
 
 def test_two_process_step_equals_one_process(tmp_path):
@@ -113,7 +104,7 @@ def test_two_process_step_equals_one_process(tmp_path):
     common = ["tokenizer_train.steps=1", "tokenizer.dead_code_threshold=0", "tokenizer_train.grad_clip=0"]
     run_tokenizer(tmp_path / "one", *common)
     run_tokenizer(tmp_path / "two", *common, nproc=2)
-    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    one, two = tokenizer_weights(tmp_path / "one"), tokenizer_weights(tmp_path / "two")
     init = weights_at_init(tmp_path / "one")
     assert one.keys() == two.keys()
     lr = 2e-3  # >= demo-rq's lr (2e-4): Adam's first step moves each weight by at most lr
