@@ -125,8 +125,9 @@ def common_overrides(args) -> list[str]:
             f"{tc}.warmup_steps={min(args.warmup_steps, max(0, args.steps - 1))}",
             f"{tc}.checkpoint_every={max(1, args.steps // 3)}", f"{tc}.eval_images={args.num_val}",
             f"data.synthetic_style={args.style}",
-            # The benchmark scores every variant with one shared classifier (evaluate() below).
-            f"{tc}.eval_classifier=false", f"seed={args.seed}", "name=rate-distortion"]
+            # The benchmark scores every variant with one shared classifier and its own random-feature FD
+            # (evaluate() below); the stage's rFID would add an Inception pass per variant that no table reads.
+            f"{tc}.eval_classifier=false", f"{tc}.rfid_images=0", f"seed={args.seed}", "name=rate-distortion"]
 
 
 def run_variant(name: str, args, shard_dir: Path) -> dict:
