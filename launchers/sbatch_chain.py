@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         config = str(Path(args.config).resolve())
         run_dir = Path(args.run_dir).resolve()
-        check_run_dir_name(run_dir)
+        check_run_dir_name(run_dir, slurm=True)
         stages = select_stages(args.stages, list(STAGE_NAMES))
         preflight(cfg, stages, run_dir=run_dir)
         specs, done = build_graph(cfg, run_dir, stages)

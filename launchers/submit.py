@@ -81,7 +81,7 @@ def submit(config: str, overrides: list[str], run_dir: str | None, stages: str |
            dry_run: bool = False) -> int:
     cfg = load_config(config, overrides)
     run_path = (Path(run_dir) if run_dir else Path("runs") / cfg.name).resolve()
-    check_run_dir_name(run_path)  # it is pasted into the sbatch scripts submitit writes
+    check_run_dir_name(run_path, slurm=True)  # it is pasted into the sbatch scripts submitit writes
     config_path = str(Path(config).resolve())  # the jobs start in the repository, not necessarily here
     selected = select_stages(stages, list(STAGE_NAMES))
     preflight(cfg, selected, run_dir=run_path)

@@ -18,15 +18,19 @@ from .lock import is_lock_file
 STAGE_NAMES = ("shard", "train_tokenizer", "precompute_codes", "train_prior", "sample", "score")
 
 
-def check_run_dir_name(run_dir: str | Path) -> None:
+def check_run_dir_name(run_dir: str | Path, *, slurm: bool = False) -> None:
     """Refuse a run directory whose name holds a control character: the name travels into sbatch
     scripts (`#SBATCH --output=...`, the job's command line) and log lines, where a newline would
-    start a line of shell code of its own."""
+    start a line of shell code of its own. `slurm`: the name also becomes SLURM's output file
+    names, where '%' starts a placeholder (%j, %A, %x, ...), so it is refused too."""
     text = str(run_dir)
     bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
     if bad is not None:
         raise ConfigError(f"--run-dir {text!r}: the name contains the control character {bad!r}; "
                           f"choose a name without control characters (newlines, tabs, escapes)")
+    if slurm and "%" in text:
+        raise ConfigError(f"--run-dir {text!r}: the path contains '%', which SLURM reads in its output file "
+                          f"names as a placeholder (%j: the job id, %x: the job name); choose a path without '%'")
 
 
 @dataclass

@@ -142,3 +142,18 @@ def test_run_dir_with_control_characters_is_refused_everywhere(tmp_path, name):
                            env={**os.environ, "RUN_DIR": str(run_dir)})
     assert shell.returncode == 2 and "control character" in shell.stderr
     assert not (tmp_path / "RAN").exists() and not run_dir.exists() and not (REPO / "PWNED").exists()
+
+
+def test_run_dir_with_a_percent_sign_is_refused_for_slurm_only(tmp_path):
+    """SLURM expands '%' in output file names (%j: the job id): logs would land elsewhere."""
+    run_dir = tmp_path / "run%j"
+    out = tessera("submit", "configs/demo-rq.yaml", "--run-dir", str(run_dir), "--dry-run", check=False)
+    assert out.returncode == 2 and "contains '%'" in out.stderr and "Traceback" not in out.stderr
+    chain = subprocess.run([sys.executable, "-m", "launchers.sbatch_chain", "configs/demo-rq.yaml", str(run_dir)],
+                           cwd=REPO, capture_output=True, text=True)
+    assert chain.returncode == 2 and "contains '%'" in chain.stderr
+    assert not run_dir.exists()
+    # A local run has no output patterns: the same name works there.
+    tessera("run", "configs/demo-rq.yaml", "--run-dir", str(run_dir), "--stages", "shard", "data.num_train=16",
+            "data.num_val=4")
+    assert (run_dir / "shard" / "done.json").is_file()
