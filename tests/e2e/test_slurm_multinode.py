@@ -90,10 +90,6 @@ def outputs(run_dir, stage) -> dict:
     return json.loads((Path(run_dir) / stage / "done.json").read_text())["outputs"]
 
 
-
-
-
-
 def stage_log(run_dir, stage) -> str:
     return (Path(run_dir) / stage / "log.txt").read_text()
 

@@ -24,10 +24,6 @@ REFERENCE = ["tokenizer_train.steps=12", "tokenizer_train.checkpoint_every=4", "
 pytestmark = pytest.mark.e2e
 
 
-
-
-
-
 def weights_at_init(run_dir) -> dict:
     """The model as built before any step (same seed => same initialisation)."""
     from pipeline.config.root import load_config
@@ -36,8 +32,6 @@ def weights_at_init(run_dir) -> dict:
     cfg = load_config("configs/demo-rq.yaml", TINY)
     torch.manual_seed(cfg.seed)
     return build_tokenizer(cfg.tokenizer, cfg.data.resolution).state_dict()
-
-
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +76,6 @@ def test_kill_and_resume_is_bitwise_equal(reference_run, tmp_path):
     assert "resumed from checkpoint" in (tmp_path / "train_tokenizer/log.txt").read_text()
     assert "train_tokenizer: done" in out.stdout
     assert_bitwise_equal(tokenizer_weights(tmp_path), tokenizer_weights(reference_run))
-
-
 
 
 def test_preemption_signal_checkpoints_and_resumes(reference_run, tmp_path):
