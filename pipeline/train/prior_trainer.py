@@ -122,7 +122,7 @@ class PriorTrainer(Trainer):
         """Resume a checkpoint of `saved_world` ranks on this world size: the same global batch and
         data order; DeepSpeed through a universal checkpoint (converted once, cached next to the
         checkpoints), DDP from its full state. RNG streams restart from (seed, step, rank)."""
-        self.logger.info("elastic resume: checkpoint %s was written by %d ranks, this run has %d",
+        self.logger.info("elastic resume: checkpoint %s was written by %d rank(s), this run has %d",
                          folder, saved_world, self.env.world_size)
         if self.engine.kind == "deepspeed":
             universal = self.stage_dir / "universal" / folder.name

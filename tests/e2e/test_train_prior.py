@@ -112,7 +112,7 @@ def test_elastic_resume_two_ranks_to_one_keeps_the_data_order(reference_zero2, c
     assert out.returncode != 0 and "SIGUSR1 received: checkpoint saved at step 6" in out.stderr, out.stderr[-3000:]
     run_prior(run_dir, *args, nproc=1)
     log = (run_dir / "train_prior/log.txt").read_text()
-    assert "elastic resume" in log and "written by 2 ranks, this run has 1" in log
+    assert "elastic resume" in log and "written by 2 rank(s), this run has 1" in log
     ours, ref = prior_weights(run_dir), prior_weights(reference_zero2)
     for key in ref:
         torch.testing.assert_close(ours[key], ref[key], atol=2e-4, rtol=1e-3)
@@ -128,7 +128,7 @@ def test_elastic_resume_one_rank_to_two_keeps_the_data_order(reference_zero2, co
     assert out.returncode == 3 and "SIGUSR1 received: checkpoint saved at step 6" in out.stderr, out.stderr[-3000:]
     run_prior(run_dir, *args, nproc=2)
     log = (run_dir / "train_prior/log.txt").read_text()
-    assert "elastic resume" in log and "written by 1 ranks, this run has 2" in log
+    assert "elastic resume" in log and "written by 1 rank(s), this run has 2" in log
     ours, ref = prior_weights(run_dir), prior_weights(reference_zero2)
     for key in ref:
         torch.testing.assert_close(ours[key], ref[key], atol=2e-4, rtol=1e-3)
