@@ -103,7 +103,7 @@ module = loader.build(verbose=True)
 print(f'built {module.__file__} in {time.perf_counter() - t:.1f} s (cache {loader.cache_dir()})')
 "
 
-# 2. Every test marked `gpu` (tests/unit/test_kernels.py: the CUDA extension against float64 references;
+# 2. Every test marked `gpu` (tests/unit/test_kernels_cuda.py: both CUDA search paths against float64 references;
 #    and tests/unit/test_rq_transformer.py: attention backends, bf16 KV cache).
 #    A module that fails to import is reported but does not stop the others; a GPU test that is
 #    skipped on a GPU machine counts as a failure.

@@ -9,13 +9,18 @@ Public API (all ops are inference-style: inputs are detached, nothing is differe
         -> (probs_NK float32, sampled_N int64 or None)
 
 Dispatch: CUDA tensors use the compiled extension (kernels/csrc), CPU tensors an exact chunked
-path (kernels/cpu.py), anything else the plain-torch reference. `TESSERA_KERNELS=reference`
-forces the reference everywhere (read at each call). Tie, NaN and precision rules are defined in
+GEMM path (kernels/cpu.py), anything else the plain-torch reference. Read at each call,
+`TESSERA_KERNELS=reference` forces the reference everywhere and `TESSERA_KERNELS=gemm` sends CUDA
+tensors through the chunked GEMM path too (on an H200 plain torch addmm + argmin ran 1.5-7x faster
+than the extension; docs/kernels.md). Tie, NaN and precision rules are defined in
 kernels/reference.py and are the same on every backend.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+
+import torch
 
 from . import _checks
 from . import cpu as _cpu
@@ -24,19 +29,20 @@ from .loader import KernelBuildError
 
 __all__ = ["nearest_code", "residual_quantize", "soft_codes", "sample_rows", "KernelBuildError", "backend_name"]
 
-_MODES = ("", "auto", "reference")
+_MODES = ("", "auto", "reference", "gemm")
 
 
 def backend_name(device) -> str:
-    """Which implementation serves tensors on `device`: 'reference', 'cpu' or 'cuda'."""
+    """Which implementation serves tensors on `device`: 'reference', 'cpu' (the chunked GEMM path,
+    also on CUDA under TESSERA_KERNELS=gemm) or 'cuda' (the extension)."""
     mode = os.environ.get("TESSERA_KERNELS", "").strip().lower()
     if mode not in _MODES:
-        raise ValueError(f"TESSERA_KERNELS={mode!r} is not one of 'auto', 'reference' (or unset)")
+        raise ValueError(f"TESSERA_KERNELS={mode!r} is not one of 'auto', 'reference', 'gemm' (or unset)")
     if mode == "reference":
         return "reference"
     device_type = device.type if hasattr(device, "type") else str(device).split(":")[0]
     if device_type == "cuda":
-        return "cuda"
+        return "cpu" if mode == "gemm" else "cuda"
     if device_type == "cpu":
         return "cpu"
     return "reference"
@@ -51,6 +57,26 @@ def _backend(device):
     return _cpu if name == "cpu" else _reference
 
 
+@contextlib.contextmanager
+def _full_fp32_products(device):
+    """The searches are exact with full fp32 products only (the GEMM paths use torch matmuls): TF32
+    off while one runs on CUDA, whatever set_float32_matmul_precision the caller chose."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _call(op: str, device, *args, **kwargs):
+    with _full_fp32_products(device):
+        return getattr(_backend(device), op)(*args, **kwargs)
+
+
 def nearest_code(x_NC, codebook_KC, *, codebook_sqnorm_K=None):
     """Index of the nearest code (squared L2) for every row of x, and that squared distance.
 
@@ -60,7 +86,7 @@ def nearest_code(x_NC, codebook_KC, *, codebook_sqnorm_K=None):
     (or whose every distance overflows) gets index -1 and sqdist NaN.
     """
     x_NC, codebook_KC, codebook_sqnorm_K = _checks.check_nearest(x_NC, codebook_KC, codebook_sqnorm_K)
-    return _backend(x_NC.device).nearest_code(x_NC, codebook_KC, codebook_sqnorm_K)
+    return _call("nearest_code", x_NC.device, x_NC, codebook_KC, codebook_sqnorm_K)
 
 
 def residual_quantize(x_NC, codebook, depth):
@@ -72,7 +98,7 @@ def residual_quantize(x_NC, codebook, depth):
     makes its partial sums NaN, so the rest of that row is -1 too.
     """
     x_NC, codebook = _checks.check_residual(x_NC, codebook, depth)
-    return _backend(x_NC.device).residual_quantize(x_NC, codebook, depth)
+    return _call("residual_quantize", x_NC.device, x_NC, codebook, depth)
 
 
 def sample_rows(probs_NK, u_N):
@@ -90,4 +116,4 @@ def soft_codes(residual_NC, codebook_KC, tau, *, sample=False, generator=None):
     reproducibility; rows with no finite distance get NaN probs and sample -1.
     """
     residual_NC, codebook_KC, tau = _checks.check_soft(residual_NC, codebook_KC, tau, sample, generator)
-    return _backend(residual_NC.device).soft_codes(residual_NC, codebook_KC, tau, sample=sample, generator=generator)
+    return _call("soft_codes", residual_NC.device, residual_NC, codebook_KC, tau, sample=sample, generator=generator)

@@ -1,4 +1,7 @@
-"""Exact CPU path: the reference's arithmetic, chunked so memory stays bounded for any N and K.
+"""Exact chunked-GEMM path: the reference's arithmetic, chunked so memory stays bounded for any N and K.
+
+The default on CPU; on CUDA with `TESSERA_KERNELS=gemm` (plain torch ops on the tensors' device, so
+the search runs on cuBLAS GEMMs instead of the extension's tiles).
 
 Per chunk of rows (and of codes when K is large) the surrogate ||e||^2 - 2 x.e is produced by one
 fp32 addmm into a reused workspace, and a running (min, argmin) is kept per row. Code chunks are
@@ -39,8 +42,8 @@ def _search_block(x_rows_C, codebook_f32_KC, sqnorm_K, workspace, k_chunk):
         d_RK = workspace[: rows * K].view(rows, K)
         ref.surrogate_into(d_RK, x_f32, codebook_f32_KC, sqnorm_K)
         return ref.masked_min(d_RK)
-    best_v = torch.full((rows,), float("inf"), dtype=torch.float32)
-    best_i = torch.full((rows,), -1, dtype=torch.int64)
+    best_v = torch.full((rows,), float("inf"), dtype=torch.float32, device=x_rows_C.device)
+    best_i = torch.full((rows,), -1, dtype=torch.int64, device=x_rows_C.device)
     for k0 in range(0, K, k_chunk):
         k1 = min(K, k0 + k_chunk)
         d_RK = workspace[: rows * (k1 - k0)].view(rows, k1 - k0)
@@ -61,8 +64,8 @@ def _search(x_NC, codebook_KC, sqnorm_K, want_sqdist):
     own_sqnorm_K = ref.codebook_sqnorm(codebook_f32) if sqnorm_K is None else None
     sqnorm_K = own_sqnorm_K if sqnorm_K is None else sqnorm_K
     n_chunk, k_chunk = chunk_shape(N, K)
-    workspace = torch.empty(n_chunk * min(K, k_chunk), dtype=torch.float32)
-    idx_N = torch.empty(N, dtype=torch.int64)
+    workspace = torch.empty(n_chunk * min(K, k_chunk), dtype=torch.float32, device=x_NC.device)
+    idx_N = torch.empty(N, dtype=torch.int64, device=x_NC.device)
     for n0 in range(0, N, n_chunk):
         n1 = min(N, n0 + n_chunk)
         idx_N[n0:n1] = _search_block(x_NC[n0:n1], codebook_f32, sqnorm_K, workspace, k_chunk)[1]
@@ -72,7 +75,7 @@ def _search(x_NC, codebook_KC, sqnorm_K, want_sqdist):
     ref.canonicalize_(idx_N, ref.lowest_duplicate(codebook_KC, CHUNK_BYTES, sqnorm_K=own_sqnorm_K))
     if not want_sqdist:
         return idx_N, None
-    sqdist_N = torch.empty(N, dtype=torch.float32)
+    sqdist_N = torch.empty(N, dtype=torch.float32, device=x_NC.device)
     rows = max(1, SQDIST_CHUNK_BYTES // (4 * x_NC.shape[1]))
     for n0 in range(0, N, rows):
         sqdist_N[n0 : n0 + rows] = ref.exact_sqdist(x_NC[n0 : n0 + rows], codebook_f32, idx_N[n0 : n0 + rows])
@@ -98,10 +101,10 @@ def soft_codes(residual_NC, codebook_KC, tau, sample=False, generator=None):
     N, K = residual_NC.shape[0], codebook_KC.shape[0]
     codebook_f32 = codebook_KC.float()
     sqnorm_K = ref.codebook_sqnorm(codebook_f32)
-    probs_NK = torch.empty(N, K, dtype=torch.float32)
+    probs_NK = torch.empty(N, K, dtype=torch.float32, device=residual_NC.device)
     # Uniforms for all rows up front, in row order: same draws as the reference for one generator.
     u_N = ref.draw_uniforms(N, residual_NC.device, generator) if sample else None
-    sampled_N = torch.empty(N, dtype=torch.int64) if sample else None
+    sampled_N = torch.empty(N, dtype=torch.int64, device=residual_NC.device) if sample else None
     n_chunk = max(1, CHUNK_BYTES // (4 * K))
     for n0 in range(0, N, n_chunk):
         n1 = min(N, n0 + n_chunk)

@@ -1,51 +1,13 @@
-"""kernels/: codebook search against a float64 brute force, on CPU (always) and CUDA (if present).
-
-Exactness rule: a returned index may differ from the float64 argmin only where the float64
-distance of the returned code is within a rounding tolerance of the float64 minimum (a near tie);
-the returned sqdist must match the float64 distance of the returned code.
-"""
-import math
-
+"""kernels/ on CPU: codebook search against a float64 brute force (the exactness rule in
+tests/kernel_checks.py), ties, non-finite inputs, memory, the dispatch switches and the build
+loader. The CUDA paths: tests/unit/test_kernels_cuda.py."""
 import pytest
 import torch
+from kernel_checks import SHAPES, assert_exact, f64_sqdist, rand
 
 import kernels
 from kernels import cpu, loader
 from kernels import reference as ref
-
-CUDA = torch.cuda.is_available()
-
-
-def f64_sqdist(x_NC, codebook_KC):
-    """Exact-enough squared distances in float64 (error ~1e-16 relative, far under fp32's)."""
-    x, cb = x_NC.double(), codebook_KC.double()
-    return ((x * x).sum(1, keepdim=True) - 2 * x @ cb.t() + (cb * cb).sum(1)).clamp_min(0)
-
-
-def near_tie_tol(x_NC, codebook_KC, rel_eps):
-    """fp32 rounding bound of the surrogate: |x.e| and ||e||^2 are bounded by ||x||^2 + max ||e||^2."""
-    scale_N = x_NC.double().pow(2).sum(1) + codebook_KC.double().pow(2).sum(1).max()
-    return 32 * rel_eps * math.sqrt(x_NC.shape[1]) * scale_N + 1e-30
-
-
-def assert_exact(x_NC, codebook_KC, idx_N, sqdist_N, rel_eps=2.0**-23):
-    N = x_NC.shape[0]
-    assert idx_N.shape == (N,) and idx_N.dtype == torch.int64
-    assert sqdist_N.shape == (N,) and sqdist_N.dtype == torch.float32
-    if N == 0:
-        return
-    d64 = f64_sqdist(x_NC, codebook_KC)
-    best64 = d64.min(1).values
-    idx = idx_N.cpu()
-    assert bool((idx >= 0).all()) and bool((idx < codebook_KC.shape[0]).all())
-    chosen64 = d64.gather(1, idx.unsqueeze(1)).squeeze(1)
-    tol = near_tie_tol(x_NC, codebook_KC, rel_eps)
-    mismatch = idx != d64.argmin(1)
-    # Only near ties may differ, and those are rare on random data.
-    assert bool((chosen64 - best64 <= tol).all()), (chosen64 - best64 - tol).max()
-    assert int(mismatch.sum()) <= max(2, N // 50)
-    torch.testing.assert_close(sqdist_N.cpu().double(), chosen64, rtol=1e-5 * max(1, x_NC.shape[1] / 64),
-                               atol=tol.max().item())
 
 
 @pytest.fixture(params=["default", "tiny"])
@@ -55,15 +17,6 @@ def chunking(request, monkeypatch):
         monkeypatch.setattr(cpu, "CHUNK_BYTES", 4 * 96)
         monkeypatch.setattr(cpu, "MAX_K_CHUNK", 37)
     return request.param
-
-
-def rand(*shape, dtype=torch.float32, device="cpu", seed=None):
-    g = torch.Generator().manual_seed(seed if seed is not None else hash(shape) % 2**31)
-    return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
-
-
-SHAPES = [(0, 5, 3), (1, 1, 1), (1, 7, 5), (37, 65, 33), (300, 1000, 17), (129, 130, 64), (64, 4097, 8), (20, 3, 1024),
-          (3, 65536, 2)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -279,6 +232,31 @@ def test_env_forces_reference(monkeypatch):
         kernels.nearest_code(x, cb)
 
 
+def test_env_gemm_sends_cuda_tensors_through_the_chunked_path(monkeypatch):
+    """TESSERA_KERNELS=gemm: CUDA tensors use the chunked GEMM path (plain torch ops on their own
+    device: every tensor it allocates follows the input), never the extension."""
+    monkeypatch.setenv("TESSERA_KERNELS", "gemm")
+    assert kernels.backend_name(torch.device("cuda", 0)) == "cpu"
+    assert kernels.backend_name(torch.device("cpu")) == "cpu"
+    monkeypatch.delenv("TESSERA_KERNELS")
+    assert kernels.backend_name(torch.device("cuda", 0)) == "cuda"
+    allocated = []
+    for factory in ("empty", "full"):
+        real = getattr(torch, factory)
+
+        def spy(*args, _real=real, **kwargs):
+            allocated.append(kwargs.get("device"))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cpu.torch, factory, spy)
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", 4 * 5 * 3)  # several row and code chunks
+    monkeypatch.setattr(cpu, "MAX_K_CHUNK", 3)
+    x, cb = rand(12, 4), rand(7, 4)
+    assert_exact(x, cb, *cpu.nearest_code(x, cb))
+    cpu.soft_codes(x, cb, 1.0, sample=True, generator=torch.Generator().manual_seed(0))
+    assert allocated and all(device == x.device for device in allocated), allocated
+
+
 def test_failed_build_raises_with_log_path(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
 
@@ -351,80 +329,3 @@ def test_cuda_wrapper_glue_with_fake_extension(fits, monkeypatch):
     probs, sampled = cuda_path.soft_codes(x, cb, 0.5, sample=True, generator=g)
     assert sampled.shape == (50,) and cuda_path.soft_codes(x, cb, 0.5)[1] is None
     torch.testing.assert_close(probs, kernels.soft_codes(x, cb, 0.5)[0])
-
-
-# ----------------------------------------------------------------------------------------------
-# CUDA: the same checks on the extension (skipped without a GPU).
-# `pytest -m gpu` selects them (benchmarks/gpu_suite.sh); without CUDA they are skipped.
-
-
-def gpu(test):
-    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="no CUDA device")(test))
-
-
-# bf16/fp16 inputs are exact in the products; only an fp32 residual split into hi + lo halves
-# loses bits (~2^-16), which bounds the near-tie tolerance of residual_quantize below.
-SPLIT_EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-16, torch.float16: 2.0**-20}
-
-
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,K,C", SHAPES + [(4096, 1024, 256), (1000, 16384, 64)])
-def test_cuda_nearest_code_matches_float64(N, K, C, dtype):
-    x, cb = rand(N, C, dtype=dtype), rand(K, C, dtype=dtype, seed=K + C)
-    idx, sqdist = kernels.nearest_code(x.cuda(), cb.cuda())
-    assert idx.is_cuda and sqdist.is_cuda
-    assert_exact(x, cb, idx.cpu(), sqdist.cpu())
-
-
-@gpu
-def test_cuda_ties_and_nonfinite_agree_with_cpu():
-    base = rand(40, 9, seed=2)
-    cb = torch.cat([base, base])
-    x = torch.cat([base, rand(30, 9, seed=3)])
-    x[41, 1] = float("nan")
-    cb[5, 2] = float("inf")
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        xc, cbc = x.to(dtype), cb.to(dtype)
-        gi, gs = kernels.nearest_code(xc.cuda(), cbc.cuda())
-        ci, cs = kernels.nearest_code(xc, cbc)
-        assert torch.equal(gi.cpu(), ci)
-        torch.testing.assert_close(gs.cpu(), cs, rtol=1e-5, atol=1e-5, equal_nan=True)
-
-
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("C", [7, 256, 1024])
-def test_cuda_residual_quantize_is_greedy_optimal(dtype, shared, C):
-    N, K, D = 777, 300, 4
-    x = rand(N, C, dtype=dtype)
-    cb = rand(K, C, dtype=dtype, seed=5) if shared else rand(D, K, C, dtype=dtype, seed=6)
-    codes, partial = kernels.residual_quantize(x.cuda(), cb.cuda(), D)
-    codes, partial = codes.cpu(), partial.cpu()
-    ps = torch.zeros(N, C)
-    for d in range(D):  # each depth must be a (near-)optimal choice for the residual it saw
-        cb_d = (cb if shared else cb[d]).float()
-        residual = x.float() - ps
-        chosen = f64_sqdist(residual, cb_d).gather(1, codes[:, d : d + 1]).squeeze(1)
-        slack = chosen - f64_sqdist(residual, cb_d).min(1).values
-        assert bool((slack <= near_tie_tol(residual, cb_d, SPLIT_EPS[dtype])).all())
-        ps = ps + cb_d[codes[:, d]]
-        torch.testing.assert_close(partial[:, d], ps, rtol=1e-6, atol=1e-5)
-
-
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_soft_codes(dtype):
-    r, cb = rand(1000, 64, dtype=dtype), rand(700, 64, dtype=dtype)
-    probs, sampled = kernels.soft_codes(r.cuda(), cb.cuda(), 3.0, sample=True,
-                                        generator=torch.Generator("cuda").manual_seed(1))
-    expect = torch.softmax(-f64_sqdist(r, cb) / 3.0, dim=1)
-    torch.testing.assert_close(probs.cpu().double(), expect, rtol=1e-3, atol=1e-6)
-    assert sampled.shape == (1000,) and bool((sampled >= 0).all())
-    n, K = 200_000, 5
-    cbs, rs = rand(K, 3, seed=21).cuda(), rand(1, 3, seed=22).cuda().expand(n, 3)
-    probs, sampled = kernels.soft_codes(rs, cbs, 1.0, sample=True, generator=torch.Generator("cuda").manual_seed(2))
-    p = probs[0].double().cpu()
-    counts = torch.bincount(sampled.cpu(), minlength=K).double()
-    assert bool(((counts - n * p).abs() <= 7 * (n * p * (1 - p)).sqrt() + 1).all())
