@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -164,15 +165,8 @@ def bench_cuda_shape(n, k, name, dtype, args):
 def gemm_path(fn):
     """fn with CUDA tensors sent through the chunked GEMM path (TESSERA_KERNELS=gemm, read per call)."""
     def run():
-        previous = os.environ.get("TESSERA_KERNELS")
-        os.environ["TESSERA_KERNELS"] = "gemm"
-        try:
+        with mock.patch.dict(os.environ, {"TESSERA_KERNELS": "gemm"}):
             return fn()
-        finally:
-            if previous is None:
-                del os.environ["TESSERA_KERNELS"]
-            else:
-                os.environ["TESSERA_KERNELS"] = previous
     return run
 
 

@@ -61,7 +61,7 @@ def _backend(device):
 def _full_fp32_products(device):
     """The searches are exact with full fp32 products only (the GEMM paths use torch matmuls): TF32
     off while one runs on CUDA, whatever set_float32_matmul_precision the caller chose."""
-    if torch.device(device).type != "cuda":
+    if device.type != "cuda":
         yield
         return
     previous = torch.backends.cuda.matmul.allow_tf32

@@ -37,7 +37,6 @@ def sample_label(i: int, num_classes: int) -> int:
     return i % num_classes if num_classes else -1
 
 
-
 @dataclass
 class SampleJob:
     prior: torch.nn.Module
