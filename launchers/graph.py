@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 from pipeline.config.root import Config
 from pipeline.config.schema import ConfigError
+from pipeline.runner.fingerprint import stage_inputs
 from pipeline.runner.rundir import STAGE_NAMES, RunDir
-from pipeline.runner.stage import load_stage_module, stage_inputs
+from pipeline.runner.stage import load_stage_module
 
 DATA_PARALLEL_STAGES = ("shard", "precompute_codes", "sample")  # units of work: job arrays
 TRAINING_STAGES = ("train_tokenizer", "train_prior")              # one rank per GPU, srun, many nodes

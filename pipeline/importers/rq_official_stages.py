@@ -22,7 +22,8 @@ from ..runner.artifacts import (
     save_prior,
     save_tokenizer,
 )
-from ..runner.stage import IMPORTED_INPUT_PREFIX, StageContext, StageOutcome, StageResult, run_stage
+from ..runner.fingerprint import IMPORTED_INPUT_PREFIX
+from ..runner.stage import StageContext, StageOutcome, StageResult, run_stage
 from ..runtime.dist import barrier
 from ..runtime.io import atomic_write_json, sha256_file
 from ..runtime.validate import read_yaml_mapping

@@ -33,31 +33,31 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import platform
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
-from ..config.root import Config, changed_keys, default_config_dict, merge_trees
+from ..config.root import Config
 from ..data.urls import FetchOptions, set_fetch_options
 from ..runtime.dist import DistEnv, barrier, broadcast_object, device_for, init_distributed
 from ..runtime.errors import StageError, describe_os_error
-from ..runtime.io import atomic_write_text, sha256_file, sha256_json
+from ..runtime.io import atomic_write_text, sha256_file
 from ..runtime.logs import setup_logging
 from ..train.signals import Interrupted, Preempted, PreemptionGuard
 from .external_files import check_external_files
+from .fingerprint import (
+    changed_parts,
+    git_commit,
+    package_versions,
+    stage_fingerprint,
+    stage_inputs,
+)
 from .lock import StageLock, is_lock_file
 from .repair import describe_discard, rebuild_plan, remedy
 from .rundir import STAGE_NAMES, RunDir
-
-# Inputs of a stage made by `tessera import` start with this (the hashes of the imported files).
-IMPORTED_INPUT_PREFIX = "import:"
-VERSIONED_PACKAGES = ("tessera", "torch", "deepspeed", "webdataset", "mosaicml-streaming", "torch-fidelity")
 
 
 @dataclass
@@ -107,93 +107,6 @@ def load_stage_module(name: str):
     if name not in STAGE_NAMES:
         raise StageError(f"unknown stage {name!r}; stages are: {', '.join(STAGE_NAMES)}")
     return importlib.import_module(f"stages.{name}")
-
-
-def package_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for pkg in VERSIONED_PACKAGES:
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-
-
-def stage_inputs(module) -> dict[str, tuple[str, ...]]:
-    """The earlier stages `module` reads -> the files of their outputs it reads."""
-    return dict(getattr(module, "INPUTS", {}))
-
-
-def input_fingerprints(module, ctx: StageContext, run: RunDir) -> dict[str, str]:
-    """'<stage>/<file>' -> the hash its done.json recorded, for every declared input, plus the
-    stage's external inputs. StageError when an input stage is not done."""
-    name = module.NAME
-    recorded = (run.read_done(name) or {}).get("inputs") or {}
-    imported = recorded and all(key.startswith(IMPORTED_INPUT_PREFIX) for key in recorded)
-    if imported and not getattr(module, "IMPORTS", False):
-        # Made by `tessera import` (pipeline/importers): no earlier stage was read; the hashes of the
-        # imported files stand for the inputs, so a later run skips the stage instead of training
-        # (an importer, IMPORTS = True, states the inputs of what it imports now).
-        return recorded
-    inputs = stage_inputs(module)
-    missing = [stage for stage in inputs if run.read_done(stage) is None]
-    if missing:
-        raise StageError(f"stage {name} needs the {missing[0]} stage first (no {run.done_path(missing[0])}): run "
-                         f"`tessera run CONFIG --run-dir {run.root} --stages {','.join(missing)}`")
-    fingerprints = {}
-    for stage, files in inputs.items():
-        outputs = run.read_done(stage).get("outputs", {})
-        for file in files:
-            # The hash the earlier stage recorded (hashing a large model again is slow); records
-            # that did not hash this file: the file itself.
-            fingerprints[f"{stage}/{file}"] = outputs.get(file) or sha256_file(run.stage_dir(stage) / file)
-    external = getattr(module, "external_inputs", None)
-    if external is not None:
-        fingerprints.update(external(ctx))
-    return fingerprints
-
-
-def _fingerprint(module, ctx: StageContext, run: RunDir) -> dict:
-    view = ctx.cfg.stage_view(module.NAME)
-    return {"config_hash": sha256_json(view), "sections": [key for key in view if isinstance(view[key], dict)],
-            "config": view, "inputs": input_fingerprints(module, ctx, run)}
-
-
-def recorded_config(run: RunDir) -> dict:
-    """Every key at the value this run's stages recorded (done.json, else attempt.json; earlier
-    stages first), over the defaults: what a stage whose record predates one of its keys used."""
-    values = default_config_dict()
-    for stage in STAGE_NAMES:
-        record = run.read_done(stage) or run.read_attempt(stage) or {}
-        values = merge_trees(values, record.get("config", {}))
-    return values
-
-
-def _changed_parts(old: dict, new: dict, run: RunDir) -> list[str]:
-    parts = []
-    if old.get("config_hash") != new["config_hash"]:
-        if "config" in old:
-            # A key the record lacks (added to the config, or to this stage's hash, since) is not a
-            # change when it holds the value the run recorded for it elsewhere, or its default.
-            changes = changed_keys(old["config"], new["config"], defaults=recorded_config(run))
-            if changes:
-                parts.append("config (" + "; ".join(changes) + ")")
-        else:  # recorded by an older tessera, which kept only the hash
-            parts.append("config sections " + ", ".join(new["sections"]))
-    if old.get("inputs") != new["inputs"]:
-        changed = sorted(k for k in set(old.get("inputs", {})) | set(new["inputs"])
-                         if old.get("inputs", {}).get(k) != new["inputs"].get(k))
-        parts.append("inputs " + ", ".join(changed))
-    return parts
 
 
 def _clear_stage_dir(stage_dir: Path) -> None:
@@ -313,7 +226,7 @@ def _on_main_then_broadcast(env: DistEnv, action) -> None:
 
 def _run_locked(module, ctx: StageContext, run: RunDir, force: bool, from_scratch: bool) -> StageOutcome:
     name, env, logger, stage_dir = module.NAME, ctx.env, ctx.logger, ctx.stage_dir
-    fingerprint = _fingerprint(module, ctx, run)
+    fingerprint = stage_fingerprint(module, ctx, run)
     decision = broadcast_object(_decide(run, name, fingerprint, force, from_scratch) if env.is_main else None)
     if decision["action"] == "refuse":
         raise StageError(decision["message"])
@@ -396,7 +309,7 @@ def _decide(run: RunDir, name: str, fingerprint: dict, force: bool, from_scratch
     previous = done if done is not None else run.read_attempt(name)
     if previous is None:
         return {"action": "run"}
-    changed = _changed_parts(previous, fingerprint, run)
+    changed = changed_parts(previous, fingerprint, run)
     if force:
         # Same config and inputs: the checkpoints and verified units still match; keep them.
         return {"action": "clear" if changed or from_scratch else "rebuild"}

@@ -7,6 +7,7 @@ import pipeline.runner.stage as stage_mod
 from pipeline.cli.main import main as cli_main
 from pipeline.cli.status import format_status
 from pipeline.config.root import load_config
+from pipeline.runner.fingerprint import package_versions, stage_inputs
 from pipeline.runner.stage import StageError, StageResult, run_stage
 from pipeline.runtime.io import sha256_file
 
@@ -152,13 +153,13 @@ def test_every_stage_is_implemented_and_runnable():
     for name in stage_mod.STAGE_NAMES:
         module = stage_mod.load_stage_module(name)
         assert module.NAME == name and callable(module.run)
-        assert set(stage_mod.stage_inputs(module)) <= set(stage_mod.STAGE_NAMES[:stage_mod.STAGE_NAMES.index(name)])
+        assert set(stage_inputs(module)) <= set(stage_mod.STAGE_NAMES[:stage_mod.STAGE_NAMES.index(name)])
 
 
 def test_package_versions_name_the_installed_torch():
     import torch
 
-    assert stage_mod.package_versions()["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert package_versions()["torch"].split("+")[0] == torch.__version__.split("+")[0]
 
 
 class ReadingStage(CountingStage):
