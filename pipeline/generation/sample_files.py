@@ -114,4 +114,5 @@ def iter_npz_images(path: Path, batch: int, member: str = "arr_0") -> Iterator[n
         row = int(np.prod(shape[1:]))
         for start in range(0, shape[0], batch):
             n = min(batch, shape[0] - start)
-            yield np.frombuffer(f.read(n * row), dtype=np.uint8).reshape(n, *shape[1:])
+            # A bytearray, not bytes: the block is writable, so torch.from_numpy takes it as is.
+            yield np.frombuffer(bytearray(f.read(n * row)), dtype=np.uint8).reshape(n, *shape[1:])

@@ -10,6 +10,7 @@ import torch
 from testkit import tessera
 
 from pipeline.config.root import load_config
+from pipeline.generation.sample_files import iter_npz_images
 from pipeline.runner.stage import StageError, run_stage
 from pipeline.runtime.validate import (
     InputFileError,
@@ -54,6 +55,16 @@ def test_not_an_npz_missing_and_good_archives(tmp_path):
         check_sample_archive(tmp_path / "nope.npz", "--samples")
     good = npz(tmp_path / "good.npz", arr_0=images(), arr_1=np.arange(4))
     assert check_sample_archive(good) == (4, 16, 16, 3)
+
+
+def test_a_good_archive_streams_back_in_writable_blocks(tmp_path):
+    """What the score stage reads: blocks equal to the archive, writable (torch.from_numpy warns on a
+    read-only array, and a consumer that normalises in place would fail)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    blocks = list(iter_npz_images(npz(tmp_path / "s.npz", arr_0=pixels), 2))
+    assert [len(block) for block in blocks] == [2, 2, 1]
+    assert all(block.flags.writeable for block in blocks)
+    np.testing.assert_array_equal(np.concatenate(blocks), pixels)
 
 
 def test_references_are_checked_for_statistics_shapes_and_resolution(tmp_path):
