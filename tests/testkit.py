@@ -30,14 +30,18 @@ def tokenizer_weights(run_dir) -> dict:
     """The tensors train_tokenizer exported in `run_dir`."""
     from safetensors.torch import load_file
 
-    return load_file(str(Path(run_dir) / "train_tokenizer" / "tokenizer.safetensors"))
+    from pipeline.runner.artifacts import TOKENIZER_WEIGHTS
+
+    return load_file(str(Path(run_dir) / "train_tokenizer" / TOKENIZER_WEIGHTS))
 
 
 def prior_weights(run_dir) -> dict:
     """The tensors train_prior exported in `run_dir`."""
     from safetensors.torch import load_file
 
-    return load_file(str(Path(run_dir) / "train_prior" / "prior.safetensors"))
+    from pipeline.runner.artifacts import PRIOR_WEIGHTS
+
+    return load_file(str(Path(run_dir) / "train_prior" / PRIOR_WEIGHTS))
 
 
 def assert_bitwise_equal(a: dict, b: dict) -> None:

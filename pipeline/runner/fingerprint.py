@@ -7,6 +7,7 @@ package versions and git commit that produced the outputs.
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import subprocess
 from importlib import metadata
@@ -29,10 +30,8 @@ VERSIONED_PACKAGES = ("tessera", "torch", "deepspeed", "webdataset", "mosaicml-s
 def package_versions() -> dict:
     versions = {"python": platform.python_version()}
     for pkg in VERSIONED_PACKAGES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):  # an optional one not installed: left out
             versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
     return versions
 
 
